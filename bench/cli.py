@@ -1,0 +1,217 @@
+"""``bench``: run suites, list plug-ins, validate suites, print leaderboards, verify data.
+
+Exit status: 0 all cells ok; 1 some cells failed (the rest finished and were saved); 2 invalid suite or
+command line (nothing ran).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench.registry import ConfigError, describe_params, did_you_mean, load_builtins
+
+
+def _data_arg(values: list[str] | None) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for v in values or []:
+        if "=" not in v:
+            raise ConfigError(f"--data {v!r}: expected NAME=PATH, e.g. --data vggface2=../shared/data/faces")
+        name, path = v.split("=", 1)
+        out[name.strip()] = Path(path).expanduser()
+    return out
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from bench.runner import RunOptions, describe_plan, execute, prepare
+
+    opts = RunOptions(suite=a.suite, profile=a.profile, out=Path(a.out), data=_data_arg(a.data), executor=a.executor,
+                      dry_run=a.dry_run, allow_unsafe_weights=a.allow_unsafe_weights, device=a.device)
+    prepared = prepare(opts)
+    if a.dry_run:
+        print(describe_plan(prepared))
+        return 0
+    summary = execute(prepared, opts)
+    print(f"cells ok {summary['cells_ok']}/{summary['cells_total']}, stages run {summary['stages_run']}, "
+          f"cached {summary['stages_cached']}, failed {summary['stages_failed']} ({summary['wall_s']} s)")
+    for cell, reason in summary["failures"].items():
+        print(f"FAILED {cell}: {reason}", file=sys.stderr)
+    print(f"leaderboard: {summary['leaderboard_csv']}")
+    return 1 if summary["cells_failed"] else 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from bench.plugins import REGISTRIES
+    from bench.profiles import PROFILES
+    from bench.suites import builtin_suites
+
+    load_builtins()
+    kinds = [a.kind] if a.kind else list(REGISTRIES) + ["suites", "profiles"]
+    for kind in kinds:
+        if kind == "suites":
+            print("suites:")
+            for s in builtin_suites():
+                print(f"  {s}")
+            continue
+        if kind == "profiles":
+            print("profiles:")
+            for name, p in PROFILES.items():
+                print(f"  {name}: {p.resolution}px, models {p.models}")
+            continue
+        if kind not in REGISTRIES:
+            raise ConfigError(f"bench list: unknown kind {kind!r}{did_you_mean(kind, list(REGISTRIES) + ['suites', 'profiles'])}")
+        print(f"{kind}:")
+        for name, cls in REGISTRIES[kind].items():
+            reason = cls.unavailable_reason()
+            status = f"  [unavailable: {reason}]" if reason else ""
+            extra = ""
+            if kind == "metrics":
+                try:
+                    extra = f" -> {cls().protocol_id()}; {'higher' if cls.higher_is_better else 'lower'} is better for the defender; {cls.description}"
+                except Exception as e:  # a metric whose defaults cannot build its id
+                    extra = f" ({e})"
+            elif kind == "defenses":
+                extra = f" [{cls.defense_kind}]"
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"  {name} v{cls.version}{extra}{status}")
+            if doc:
+                print(f"      {doc}")
+            params = describe_params(cls)
+            if params:
+                print(f"      params: {params}")
+            if cls.profiles:
+                print(f"      profile overrides: {cls.profiles}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from bench.runner import RunOptions, describe_plan, prepare
+
+    prepared = prepare(RunOptions(suite=a.suite, profile=a.profile, data=_data_arg(a.data)))
+    print(f"{a.suite}: valid")
+    print(describe_plan(prepared))
+    return 0
+
+
+def cmd_leaderboard(a: argparse.Namespace) -> int:
+    from bench.leaderboard import compare_with_reference, leaderboard_frame, render_markdown
+    from bench.ledger import Ledger
+
+    db = Path(a.out) / "ledger.sqlite"
+    if not db.is_file():
+        raise ConfigError(f"no results in {a.out} (no ledger.sqlite); run `bench run --out {a.out}` first")
+    ledger = Ledger(db)
+    rows = ledger.cells(a.suite, a.profile)
+    ledger.close()
+    suites = sorted({r["suite"] for r in rows})
+    for s in suites:
+        df = leaderboard_frame([r for r in rows if r["suite"] == s])
+        if a.reference:
+            try:
+                df = compare_with_reference(df, a.reference)
+            except ValueError as e:
+                raise ConfigError(f"--reference: {e}") from None
+        print(render_markdown(df, s))
+    if not suites:
+        print("(no results)")
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from bench.datasets import verify_root
+
+    bad = 0
+    for name, root in _data_arg(a.data).items():
+        try:
+            report = verify_root(name, root)
+        except ValueError as e:  # DataError: missing root, no manifest
+            raise ConfigError(f"bench data verify {name}={root}: {e}") from None
+        print(f"{name} at {root}: {report.checked} files checked, {len(report.missing)} missing, "
+              f"{len(report.mismatched)} mismatched, {len(report.extra)} not in the manifest")
+        for p in report.missing:
+            print(f"  missing: {p}")
+        for p, exp, got in report.mismatched:
+            print(f"  sha256 mismatch: {p} (expected {exp[:12]}..., got {got[:12]}...)")
+        bad += 0 if report.ok else 1
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench", description="Anti-personalization benchmark harness")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a suite (resumes where an earlier run stopped)")
+    r.add_argument("--suite", required=True, help="built-in suite name or path to a .yaml suite")
+    r.add_argument("--profile", default="tiny", help="tiny (CPU, random-weight models) or paper (real SD, GPU)")
+    r.add_argument("--out", default="runs", help="output folder (cache, ledger, leaderboards)")
+    r.add_argument("--data", action="append", metavar="NAME=PATH", help="dataset folder, e.g. vggface2=../shared/data/faces")
+    r.add_argument("--executor", default="local", help="local (default) or slurm")
+    r.add_argument("--device", default=None, help="override the profile's device (cpu, cuda, cuda:1)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (cells, unique vs naive stage executions)")
+    r.add_argument("--allow-unsafe-weights", action="store_true", help="allow pickled (.bin/.ckpt) weights: they can run code")
+    r.set_defaults(fn=cmd_run)
+
+    ls = sub.add_parser("list", help="list plug-ins with parameters and availability")
+    ls.add_argument("kind", nargs="?", help="defenses|attacks|transforms|metrics|datasets|scenarios|executors|suites|profiles")
+    ls.set_defaults(fn=cmd_list)
+
+    v = sub.add_parser("validate", help="check a suite and print its plan; runs nothing")
+    v.add_argument("suite")
+    v.add_argument("--profile", default="tiny")
+    v.add_argument("--data", action="append", metavar="NAME=PATH")
+    v.set_defaults(fn=cmd_validate)
+
+    lb = sub.add_parser("leaderboard", help="print leaderboards from an output folder")
+    lb.add_argument("--out", default="runs")
+    lb.add_argument("--suite", default=None)
+    lb.add_argument("--profile", default=None)
+    lb.add_argument("--reference", default=None, help="paper reference table under leaderboards/ to compare with")
+    lb.set_defaults(fn=cmd_leaderboard)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dv = dsub.add_parser("verify", help="check dataset folders against data_manifests/")
+    dv.add_argument("data", nargs="+", metavar="NAME=PATH")
+    dv.set_defaults(fn=cmd_data)
+    return ap
+
+
+def quiet_libraries() -> None:
+    """Our progress bars only: silence library warnings and per-load progress bars."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for log in (dlog, tlog):
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 on bad command lines
+        return int(e.code or 0)
+    quiet_libraries()
+    try:
+        return a.fn(a)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

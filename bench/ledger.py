@@ -1,0 +1,68 @@
+"""The results ledger: one SQLite file per output folder, written only by the driver process.
+
+A row per cell (its keys, status, failure reason, metric values by protocol id, provenance) and a row per stage
+execution attempt. Workers never open it (HARNESSES.md 4.2: shared SQLite writers lock each other out).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+  suite TEXT, profile TEXT, cell_id TEXT, dataset TEXT, subject TEXT, defense TEXT, scenario TEXT,
+  attack TEXT, seed INTEGER, status TEXT, reason TEXT, metrics TEXT, provenance TEXT, updated REAL,
+  PRIMARY KEY (suite, profile, cell_id)
+);
+CREATE TABLE IF NOT EXISTS stage_runs (
+  key TEXT, kind TEXT, label TEXT, ok INTEGER, error TEXT, wall_s REAL, peak_rss_mb REAL, at REAL
+);
+"""
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path)
+        self.db.executescript(SCHEMA)
+
+    def put_cell(self, suite: str, profile: str, cell_id: str, keys: dict, status: str, reason: str,
+                 metrics: dict[str, float], provenance: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (suite, profile, cell_id, keys["dataset"], keys["subject"], keys["defense"], keys["scenario"],
+                 keys["attack"], keys["seed"], status, reason, json.dumps(metrics, sort_keys=True),
+                 json.dumps(provenance, sort_keys=True, default=str), time.time()))
+
+    def put_stage_run(self, key: str, kind: str, label: str, ok: bool, error: str, record: dict | None) -> None:
+        record = record or {}
+        with self.db:
+            self.db.execute("INSERT INTO stage_runs VALUES (?,?,?,?,?,?,?,?)",
+                            (key, kind, label, int(ok), error, record.get("wall_s"), record.get("peak_rss_mb"), time.time()))
+
+    def cells(self, suite: str | None = None, profile: str | None = None) -> list[dict]:
+        q, args = "SELECT * FROM cells", []
+        conds = []
+        if suite:
+            conds.append("suite = ?"); args.append(suite)
+        if profile:
+            conds.append("profile = ?"); args.append(profile)
+        if conds:
+            q += " WHERE " + " AND ".join(conds)
+        cur = self.db.execute(q + " ORDER BY dataset, subject, defense, scenario, attack, seed", args)
+        cols = [c[0] for c in cur.description]
+        rows = []
+        for r in cur.fetchall():
+            row = dict(zip(cols, r))
+            row["metrics"] = json.loads(row["metrics"] or "{}")
+            row["provenance"] = json.loads(row["provenance"] or "{}")
+            rows.append(row)
+        return rows
+
+    def close(self) -> None:
+        self.db.close()

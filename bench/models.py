@@ -1,0 +1,463 @@
+"""Base models: tiny SD-shaped models built offline, real checkpoints resolved from local folders or the Hugging
+Face cache, safety checks (safetensors only), weight hashes, loading, samplers and seeded generation.
+
+Model references are strings (MODELS.md: ids are configuration, never constants in code):
+- ``tiny:a`` / ``tiny:b``: two distinct Stable-Diffusion-shaped variants with random, briefly pre-trained weights
+  (DEPENDENCIES.md "A Stable-Diffusion-shaped pipeline with no downloaded weights"); different channels and
+  init seeds, so that "model mismatch" exists at tiny scale. Built by :func:`prepare_tiny`.
+- a Hugging Face id (``owner/name``): the local HF cache snapshot, never downloaded at run time unless
+  ``BENCH_ALLOW_DOWNLOAD=1``.
+- a local folder in diffusers layout.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CLIP_VOCAB_SIZE = 49408
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SAFE_LIBRARIES = {"diffusers", "transformers"}
+HF_ALLOW_PATTERNS = ["*.json", "*.txt", "*/diffusion_pytorch_model*.safetensors", "*/model*.safetensors"]
+HF_IGNORE_PATTERNS = ["safety_checker/*", "*fp16*", "*non_ema*", "*ema_only*"]
+HF_UNSAFE_PATTERNS = ["*/diffusion_pytorch_model*.bin", "*/pytorch_model*.bin"]
+
+
+class ModelUnavailable(Exception):
+    """A model reference that cannot be resolved here (not cached, not a folder, not a diffusers layout)."""
+
+
+class UnsafeWeights(Exception):
+    """A component has only pickled weights (.bin/.ckpt/.pt/.pth), which can execute code when loaded."""
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def _bpe_vocab_path() -> Path:
+    """CLIP's BPE merges as shipped in the open-clip-torch wheel, found without importing open_clip."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable("the CLIP BPE vocabulary comes from the open-clip-torch wheel: "
+                               "pip install --no-deps open-clip-torch")
+    path = Path(list(spec.submodule_search_locations)[0]) / BPE_FILE
+    if not path.is_file():
+        raise ModelUnavailable(f"{path}: missing from the installed open-clip-torch wheel")
+    return path
+
+
+def build_tokenizer(dir: Path):
+    """Write CLIP's tokenizer files (vocab.json, merges.txt; 49,408 tokens) to ``dir`` and return a
+    ``CLIPTokenizer`` (max length 77, pad = ``<|endoftext|>`` as SD 1.x). The vocabulary is built the way CLIP's
+    ``SimpleTokenizer`` builds it: 256 byte symbols, the same with ``</w>``, the 48,894 merges, 2 specials."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    lines = gzip.open(_bpe_vocab_path(), "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab_list) != CLIP_VOCAB_SIZE:
+        raise ModelUnavailable(f"{_bpe_vocab_path()}: built {len(vocab_list)} tokens, expected {CLIP_VOCAB_SIZE}")
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    (dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}, ensure_ascii=False))
+    (dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return CLIPTokenizer(vocab=str(dir / "vocab.json"), merges=str(dir / "merges.txt"), model_max_length=77)
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+
+@dataclass(frozen=True)
+class TinyVariant:
+    """Architecture of one tiny SD-shaped model (UNet/VAE channels, text width) and its init-seed offset."""
+
+    unet_channels: tuple[int, ...]
+    unet_groups: int
+    unet_layers: int
+    head_dim: int
+    text_hidden: int
+    text_layers: int
+    vae_channels: tuple[int, int, int, int]
+    seed_offset: int
+
+
+TINY_VARIANTS: dict[str, TinyVariant] = {
+    "a": TinyVariant(unet_channels=(32, 64), unet_groups=32, unet_layers=1, head_dim=8, text_hidden=32,
+                     text_layers=2, vae_channels=(16, 32, 32, 32), seed_offset=0),
+    "b": TinyVariant(unet_channels=(48, 64), unet_groups=16, unet_layers=1, head_dim=16, text_hidden=48,
+                     text_layers=2, vae_channels=(16, 32, 32, 48), seed_offset=7919),
+}
+
+# Defaults of ``prepare_tiny``'s ``pretrain`` dict; the tiny profile may override any of them.
+PRETRAIN_DEFAULTS: dict[str, Any] = {
+    "vae_steps": 100,  # autoencoder steps (reconstruction + tiny KL)
+    "unet_steps": 200,  # denoising steps on "a photo of a {class_noun}"
+    "batch_size": 8,
+    "lr": 1e-3,  # AdamW, for both phases
+    "kl_weight": 1e-6,  # LDM's KL weight for KL-f8 autoencoders
+    "train_text_encoder": True,
+    "num_subjects": 48,  # synthetic subjects with seeds 1000.. (evaluation subjects use small seeds)
+    "images_per_subject": 4,
+    "class_noun": "toy",  # the synthetic dataset's class noun
+}
+PRETRAIN_SEED_BASE = 1000
+
+
+def tiny_variant(ref: str) -> str | None:
+    """``"tiny:a"`` -> ``"a"``; None for any other reference."""
+    if not ref.startswith("tiny:"):
+        return None
+    name = ref.split(":", 1)[1]
+    if name not in TINY_VARIANTS:
+        raise ModelUnavailable(f"unknown tiny model {ref!r}; known: {', '.join('tiny:' + k for k in TINY_VARIANTS)}")
+    return name
+
+
+def _sd_scheduler():
+    """SD's training scheduler: scaled_linear betas 0.00085..0.012, 1000 steps, epsilon prediction."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    # SD's scheduler_config also carries these, so DDIM/PNDM built with from_config match SD's samplers.
+    sched.register_to_config(set_alpha_to_one=False, skip_prk_steps=True)
+    return sched
+
+
+def _build_modules(v: TinyVariant, resolution: int, seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=v.text_hidden, intermediate_size=2 * v.text_hidden,
+        num_hidden_layers=v.text_layers, num_attention_heads=4, max_position_embeddings=77, projection_dim=v.text_hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu"))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=v.vae_channels,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=resolution,
+                        scaling_factor=0.18215)
+    torch.manual_seed(seed + 2)
+    n = len(v.unet_channels)
+    unet = UNet2DConditionModel(sample_size=resolution // 8, in_channels=4, out_channels=4,
+                                down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+                                block_out_channels=v.unet_channels, layers_per_block=v.unet_layers,
+                                norm_num_groups=v.unet_groups, cross_attention_dim=v.text_hidden,
+                                attention_head_dim=v.head_dim)
+    return text_encoder, vae, unet
+
+
+def _pretrain_images(p: dict[str, Any], resolution: int) -> torch.Tensor:
+    from bench.datasets import render_synthetic
+    from bench.diffusion import to_tensor
+
+    images = [render_synthetic(PRETRAIN_SEED_BASE + s, i, resolution)
+              for s in range(int(p["num_subjects"])) for i in range(int(p["images_per_subject"]))]
+    return to_tensor(images)
+
+
+def _check_pretrain(pretrain: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(pretrain) - set(PRETRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"tiny_pretrain: unknown key(s) {unknown}; known: {sorted(PRETRAIN_DEFAULTS)}")
+    return {**PRETRAIN_DEFAULTS, **pretrain}
+
+
+def _pretrain_vae(vae, x: torch.Tensor, p: dict[str, Any], gen: torch.Generator) -> list[float]:
+    """Autoencoder phase: MSE reconstruction (in [-1, 1]) + kl_weight * KL to N(0, I), per LDM's KL-f8 VAE."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=p["lr"], weight_decay=0.0)
+    losses = []
+    vae.train()
+    for _ in range(int(p["vae_steps"])):
+        batch = x[torch.randint(0, len(x), (int(p["batch_size"]),), generator=gen)]
+        post = vae.encode(batch).latent_dist
+        recon = vae.decode(post.sample(generator=gen)).sample
+        loss = torch.nn.functional.mse_loss(recon, batch) + p["kl_weight"] * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    vae.eval()
+    vae.requires_grad_(False)
+    return losses
+
+
+def _latent_scale(vae, x: torch.Tensor) -> float:
+    """1 / std of the latent means, so scaled latents have unit variance (how LDM chose SD's 0.18215)."""
+    with torch.no_grad():
+        std = float(vae.encode(x[:64]).latent_dist.mean.std())
+    return round(1.0 / max(std, 1e-6), 5)
+
+
+def _pretrain_unet(unet, text_encoder, tokenizer, vae, scheduler, x: torch.Tensor, p: dict[str, Any],
+                   gen: torch.Generator) -> list[float]:
+    """Denoising phase on captions "a photo of a {class_noun}" (METHODS.md 1.2 loss), VAE frozen."""
+    from bench.diffusion import LatentCache, denoising_loss, encode_prompt
+
+    cache = LatentCache(vae, x)
+    params = list(unet.parameters())
+    train_te = bool(p["train_text_encoder"])
+    if train_te:
+        params += list(text_encoder.parameters())
+    text_encoder.requires_grad_(train_te)
+    opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0)
+    caption = f"a photo of a {p['class_noun']}"
+    losses = []
+    unet.train()
+    text_encoder.train(train_te)
+    bs = int(p["batch_size"])
+    with torch.set_grad_enabled(True):
+        fixed = None if train_te else encode_prompt(tokenizer, text_encoder, [caption]).detach()
+        for _ in range(int(p["unet_steps"])):
+            idx = torch.randint(0, len(x), (bs,), generator=gen)
+            emb = fixed if fixed is not None else encode_prompt(tokenizer, text_encoder, [caption])
+            loss = denoising_loss(unet, scheduler, cache.sample(idx, gen), emb.expand(bs, -1, -1), gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    unet.eval()
+    text_encoder.eval()
+    return losses
+
+
+def prepare_tiny(variant: str, out_dir: Path, pretrain: dict, seed: int, resolution: int = 64) -> None:
+    """Build tiny SD-shaped model ``variant`` ("a"/"b") with seeded random weights, pre-train it briefly and
+    deterministically on synthetic images (VAE as an autoencoder, then UNet + text encoder on denoising), and save
+    it as a diffusers folder (safetensors) in ``out_dir``. Same arguments -> same weight bytes (CPU).
+    ``pretrain`` keys: see ``PRETRAIN_DEFAULTS``; ``resolution`` in pixels (multiple of 8)."""
+    from diffusers import StableDiffusionPipeline
+
+    if variant not in TINY_VARIANTS:
+        raise ModelUnavailable(f"unknown tiny model variant {variant!r}; known: {sorted(TINY_VARIANTS)}")
+    if resolution % 8:
+        raise ValueError(f"tiny model resolution must be a multiple of 8, got {resolution}")
+    p = _check_pretrain(dict(pretrain))
+    v = TINY_VARIANTS[variant]
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(out_dir / "_tokenizer_src")
+    text_encoder, vae, unet = _build_modules(v, resolution, seed + v.seed_offset)
+    scheduler = _sd_scheduler()
+    gen = torch.Generator("cpu").manual_seed(seed + v.seed_offset + 3)
+    log: dict[str, Any] = {"variant": variant, "seed": seed, "resolution": resolution, "pretrain": p}
+    if p["vae_steps"] or p["unet_steps"]:
+        x = _pretrain_images(p, resolution)
+        log["vae_losses"] = _pretrain_vae(vae, x, p, gen)
+        vae.register_to_config(scaling_factor=_latent_scale(vae, x))
+        log["unet_losses"] = _pretrain_unet(unet, text_encoder, tokenizer, vae, scheduler, x, p, gen)
+    vae.requires_grad_(True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for f in (out_dir / "_tokenizer_src").iterdir():
+        f.unlink()
+    (out_dir / "_tokenizer_src").rmdir()
+    (out_dir / "pretrain_log.json").write_text(json.dumps(log, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- resolving
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _fetch_hint(ref: str) -> str:
+    return (f"fetch it on a machine with internet access: huggingface-cli download {ref} "
+            f"--include \"*.json\" \"*.txt\" \"*.safetensors\" (then copy the Hugging Face cache here), "
+            f"or point the profile at a local diffusers folder")
+
+
+def resolve_model(ref: str, allow_unsafe: bool = False) -> Path:
+    """A local diffusers folder, or the cached snapshot of Hugging Face id ``ref``. Never downloads unless the
+    environment variable ``BENCH_ALLOW_DOWNLOAD=1`` is set. Raises ModelUnavailable with the fetch command."""
+    if ref.startswith("tiny:"):
+        raise ModelUnavailable(f"{ref!r} is built, not resolved: use bench.models.prepare_tiny")
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if ref.startswith((".", "/", "~")) or not _HF_ID.match(ref):
+        raise ModelUnavailable(f"model {ref!r}: no such folder, and not a Hugging Face id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    allow_download = os.environ.get("BENCH_ALLOW_DOWNLOAD") == "1"
+    patterns = HF_ALLOW_PATTERNS + (HF_UNSAFE_PATTERNS if allow_unsafe else [])
+    try:
+        path = snapshot_download(ref, local_files_only=not allow_download, allow_patterns=patterns,
+                                 ignore_patterns=HF_IGNORE_PATTERNS)
+    except Exception as e:  # huggingface_hub raises several types for "not cached" / "offline"
+        raise ModelUnavailable(f"model {ref!r} is not in the local Hugging Face cache "
+                               f"({type(e).__name__}); {_fetch_hint(ref)}") from None
+    return Path(path)
+
+
+def _model_index(model_dir: Path) -> dict[str, Any]:
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        raise ModelUnavailable(f"{index}: missing; {model_dir} is not a diffusers model folder")
+    try:
+        return json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelUnavailable(f"{index}: invalid JSON ({e})") from None
+
+
+def _components(model_dir: Path) -> dict[str, tuple[str, str]]:
+    """Component folder -> (library, class) from model_index.json (null entries dropped)."""
+    out = {}
+    for name, value in _model_index(model_dir).items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        out[name] = (value[0], value[1])
+    return out
+
+
+def check_safe(model_dir: Path, allow_unsafe: bool) -> None:
+    """Refuse pickled weights and remote code: every weight-bearing component folder (one with a config.json)
+    must hold .safetensors weights; one with only .bin/.ckpt/.pt/.pth raises UnsafeWeights naming the file unless
+    ``allow_unsafe``. Components from libraries other than diffusers/transformers (custom code) are refused."""
+    model_dir = Path(model_dir)
+    for name, (library, cls) in _components(model_dir).items():
+        if library not in SAFE_LIBRARIES:
+            raise UnsafeWeights(f"{model_dir / 'model_index.json'}: component {name!r} uses {library}.{cls}; "
+                                f"only diffusers/transformers classes are loaded (no remote code)")
+        folder = model_dir / name
+        if not (folder / "config.json").is_file():
+            continue  # tokenizer, scheduler, feature extractor: no weights
+        if any(folder.glob("*.safetensors")):
+            continue
+        pickled = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if not pickled:
+            raise ModelUnavailable(f"{folder}: no weights (.safetensors) found")
+        if not allow_unsafe:
+            raise UnsafeWeights(f"{pickled[0]}: pickled weights can run code when loaded and {folder} has no "
+                                f".safetensors; convert it, or allow unsafe weights explicitly")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files diffusers/transformers load by default (no ``.fp16``-style variant infix)."""
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if "." not in f.stem]
+    return plain or files
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_hashes(model_dir: Path) -> dict[str, str]:
+    """sha256 of the unet, vae and text_encoder safetensors weights (MODELS.md: identity by content). One file:
+    its sha256; sharded: the sha256 of the sorted "name sha256" lines of its shards."""
+    out = {}
+    for comp in WEIGHT_COMPONENTS:
+        files = _weight_files(Path(model_dir) / comp)
+        if not files:
+            continue
+        if len(files) == 1:
+            out[comp] = file_sha256(files[0])
+        else:
+            lines = "\n".join(f"{f.name} {file_sha256(f)}" for f in files)
+            out[comp] = hashlib.sha256(lines.encode()).hexdigest()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+@dataclass
+class SDComponents:
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+
+def load_components(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    allow_unsafe: bool = False) -> SDComponents:
+    """Tokenizer, text encoder, VAE, UNet and the training DDPMScheduler of a local diffusers folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model_dir = Path(model_dir)
+    check_safe(model_dir, allow_unsafe)
+    kw = {"use_safetensors": not allow_unsafe, "local_files_only": True}
+    return SDComponents(
+        tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", local_files_only=True),
+        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype, **kw).to(device),
+        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype, **kw).to(device),
+        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype, **kw).to(device),
+        noise_scheduler=DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", local_files_only=True),
+    )
+
+
+SAMPLERS = ("default", "ddim", "pndm", "dpm-solver++", "ddpm", "euler")
+
+
+def set_sampler(pipe, sampler: str):
+    """Replace ``pipe.scheduler`` by ``sampler`` built from the model's own scheduler config; returns ``pipe``."""
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           PNDMScheduler)
+
+    classes = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler}
+    if sampler == "default":
+        return pipe
+    if sampler == "dpm-solver++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    elif sampler in classes:
+        pipe.scheduler = classes[sampler].from_config(pipe.scheduler.config)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    return pipe
+
+
+def load_pipeline(model_dir: Path, device: str, sampler: str = "default", allow_unsafe: bool = False,
+                  unet=None, text_encoder=None):
+    """A ``StableDiffusionPipeline`` from a local folder (safety checker off, progress bar off), with ``sampler``
+    and optionally a replacement UNet / text encoder (a personalised one)."""
+    from diffusers import StableDiffusionPipeline
+
+    model_dir = Path(model_dir)
+    check_safe(model_dir, allow_unsafe)
+    swaps = {k: m for k, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                   use_safetensors=not allow_unsafe, local_files_only=True, **swaps)
+    set_sampler(pipe, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of image ``image_index`` of prompt ``prompt_index``: fixed whatever the batch size."""
+    return seed + 1000 * prompt_index + image_index
+
+
+def generate(pipe, prompts: list[str], n_per_prompt: int, steps: int, guidance: float, seed: int, resolution: int,
+             batch_size: int = 4) -> list[tuple[str, np.ndarray]]:
+    """``n_per_prompt`` images per prompt (uint8 HxWx3, ``resolution`` px), image j of prompt i drawn from
+    ``torch.Generator("cpu").manual_seed(seed + 1000*i + j)``; returns (prompt, image) pairs in prompt order."""
+    jobs = [(p, image_seed(seed, i, j)) for i, p in enumerate(prompts) for j in range(n_per_prompt)]
+    pipe.set_progress_bar_config(disable=True)
+    out: list[tuple[str, np.ndarray]] = []
+    for start in range(0, len(jobs), max(1, batch_size)):
+        chunk = jobs[start:start + max(1, batch_size)]
+        gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
+        with torch.no_grad():
+            images = pipe(prompt=[p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                          height=resolution, width=resolution, generator=gens, output_type="pil").images
+        out.extend((p, np.asarray(img.convert("RGB"), dtype=np.uint8)) for (p, _), img in zip(chunk, images))
+    return out

@@ -1,0 +1,207 @@
+"""Suite -> DAG of stages keyed by content hashes (DESIGN.md "Data flow").
+
+Stage kinds, in data-flow order:
+  model        base model (tiny: built and pre-trained; real: resolved and hashed)
+  protect      defense applied to a subject's set_B (perturb/watermark: images; harden: a model)
+  compose      scenario applied to the protected set -> attacker's training set
+  class_images prior-preservation images, per base model + class prompt
+  attack       fine-tuning -> personalised weights
+  generate     personalised model + evaluation prompts -> images
+  measure      one metric on generated (or protected) images
+A key hashes the stage kind, its version, its parameters and the keys of its inputs, so equal work is one
+stage whatever number of cells share it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.plugins import ScenarioSpec
+from bench.profiles import Profile
+from bench.registry import ConfigError, params_dict
+from bench.scenarios import leak_count
+from bench.store import stable_hash
+from bench.suites import Entry, Suite
+
+# Bump a kind's version when its runner's output changes.
+STAGE_VERSIONS = {"model": 1, "protect": 1, "compose": 1, "class_images": 1, "attack": 1, "generate": 1, "measure": 1}
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    params: dict
+    deps: tuple[str, ...]
+    label: str
+
+    @property
+    def key(self) -> str:
+        return stable_hash({"kind": self.kind, "v": STAGE_VERSIONS[self.kind], "params": self.params, "deps": self.deps})
+
+
+@dataclass
+class Cell:
+    """One grid point; its result row is assembled from its measure stages."""
+
+    keys: dict[str, Any]  # dataset, subject, defense, scenario, attack, seed
+    config: dict  # everything that defines the cell (hashed into config_hash)
+    stages: list[str] = field(default_factory=list)  # every stage key the cell needs
+    measures: dict[str, str] = field(default_factory=dict)  # protocol id -> measure stage key
+    model_stages: dict[str, str] = field(default_factory=dict)  # role -> model stage key
+
+    @property
+    def cell_id(self) -> str:
+        return stable_hash(self.keys)[:16]
+
+    @property
+    def config_hash(self) -> str:
+        return stable_hash(self.config)[:16]
+
+
+@dataclass
+class Plan:
+    stages: dict[str, Stage]  # key -> stage, in a topological order
+    cells: list[Cell]
+    invalid: list[tuple[dict, str]] = field(default_factory=list)  # cells that cannot be built, with reason
+
+    def naive_stage_count(self) -> int:
+        return sum(len(c.stages) for c in self.cells)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.stages: dict[str, Stage] = {}
+
+    def add(self, kind: str, params: dict, deps: tuple[str, ...], label: str) -> str:
+        stage = Stage(kind, params, deps, label)
+        self.stages.setdefault(stage.key, stage)
+        return stage.key
+
+
+def plugin_spec(entry: Entry) -> dict:
+    return {"name": entry.name, "version": entry.plugin_cls.version, "params": entry.params_dict()}
+
+
+def _subject_spec(dataset: Entry, subject) -> dict:
+    return {"dataset": dataset.name, "root": str(dataset.extra.get("root") or ""),
+            "dataset_params": dataset.params_dict(), "id": subject.id, "fingerprint": subject.fingerprint()}
+
+
+def _fill(template: str, identifier: str, class_noun: str) -> str:
+    return template.format(identifier=identifier, class_noun=class_noun)
+
+
+def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Plan:
+    """``subjects``: dataset label -> list of Subject (already loaded, so that bad data fails early per subject)."""
+    b = _Builder()
+    cells: list[Cell] = []
+
+    def model_stage(role: str) -> str:
+        ref = profile.models[role]
+        params: dict[str, Any] = {"ref": ref}
+        if ref.startswith("tiny:"):
+            params.update(pretrain=profile.tiny_pretrain, resolution=profile.resolution)
+        return b.add("model", params, (), f"model {ref}")
+
+    for dataset in suite.datasets:
+        for subject in subjects.get(dataset.label, []):
+            subj = _subject_spec(dataset, subject)
+            for seed in suite.seeds:
+                for defense in suite.defenses:
+                    dcls = defense.plugin_cls
+                    dspec = plugin_spec(defense)
+                    protect_deps: tuple[str, ...] = ()
+                    if dcls.needs_model or dcls.defense_kind == "harden":
+                        protect_deps = (model_stage("default"),)
+                    protect = b.add("protect", {"defense": dspec, "kind": dcls.defense_kind, "subject": subj,
+                                                "seed": seed, "resolution": profile.resolution},
+                                    protect_deps, f"protect {defense.label} {subject.key()}")
+                    for scenario in suite.scenarios:
+                        spec: ScenarioSpec = scenario.create().spec()
+                        n_b = len(subject.splits.get("B", ()))
+                        try:
+                            leak_count(spec.leak, n_b)
+                        except ValueError as e:
+                            raise ConfigError(f"scenario {scenario.label}: {e} (subject {subject.key()})") from None
+                        compose = b.add("compose", {"scenario": spec.__dict__ | {"transforms": [list(t) for t in spec.transforms]},
+                                                    "subject": subj, "seed": seed, "resolution": profile.resolution},
+                                        (protect,), f"compose {scenario.label} {defense.label} {subject.key()}")
+                        role = "mismatch" if spec.attacker_model == "mismatch" else "default"
+                        base = model_stage(role)
+                        # A harden defense's output model is the attacker's base model when the attacker uses
+                        # the model the defense hardened (not under model mismatch).
+                        attacker_model = protect if (dcls.defense_kind == "harden" and role == "default") else base
+                        mismatch_prompt = spec.instance_prompt == "<mismatch>"
+                        identifier = profile.mismatch_identifier if spec.identifier == "<mismatch>" else (spec.identifier or profile.identifier)
+                        template = profile.mismatch_prompt if mismatch_prompt else (spec.instance_prompt or profile.instance_prompt)
+                        instance_prompt = _fill(template, identifier, subject.class_noun)
+                        class_prompt = _fill(profile.class_prompt, identifier, subject.class_noun)
+                        if profile.generation.use_subject_prompts and subject.eval_prompts:
+                            templates = subject.eval_prompts
+                        else:
+                            templates = profile.generation.prompts
+                        eval_prompts = [_fill(t, identifier, subject.class_noun) for t in templates]
+                        gen = profile.generation
+                        for attack in suite.attacks:
+                            acls_inst = attack.create()
+                            n_class = acls_inst.class_images_needed()
+                            attack_deps = [attacker_model, compose]
+                            if n_class:
+                                attack_deps.append(b.add("class_images", {
+                                    "prompt": class_prompt, "n": n_class, "sampler": profile.class_sampler,
+                                    "steps": profile.class_steps, "guidance": gen.guidance, "seed": seed,
+                                    "resolution": profile.resolution}, (attacker_model,), f"class images {class_prompt!r}"))
+                            trained = b.add("attack", {"attack": plugin_spec(attack), "instance_prompt": instance_prompt,
+                                                       "class_prompt": class_prompt, "seed": seed,
+                                                       "resolution": profile.resolution},
+                                            tuple(attack_deps), f"attack {attack.label} <- {scenario.label} {defense.label} {subject.key()}")
+                            generated = b.add("generate", {"prompts": eval_prompts, "sampler": gen.sampler, "steps": gen.steps,
+                                                           "guidance": gen.guidance, "n_per_prompt": gen.n_per_prompt,
+                                                           "seed": seed, "resolution": profile.resolution,
+                                                           "attack": plugin_spec(attack)},
+                                              (attacker_model, trained), f"generate {attack.label} {scenario.label} {defense.label} {subject.key()}")
+                            cell_stages = {protect, compose, trained, generated, *attack_deps, *protect_deps}
+                            measures: dict[str, str] = {}
+                            for metric in suite.metrics:
+                                m = metric.create()
+                                pid = m.protocol_id()
+                                target = protect if m.target == "protected" else generated
+                                mkey = b.add("measure", {"metric": plugin_spec(metric), "protocol": pid, "subject": subj,
+                                                         "resolution": profile.resolution, "target": m.target,
+                                                         "defense_kind": dcls.defense_kind, "defense": defense.name},
+                                             tuple(dict.fromkeys((target, protect))), f"measure {pid}")
+                                measures[pid] = mkey
+                                cell_stages.add(mkey)
+                            keys = {"dataset": dataset.label, "subject": subject.id, "defense": defense.label,
+                                    "scenario": scenario.label, "attack": attack.label, "seed": seed}
+                            config = {"keys": keys, "defense": dspec, "scenario": spec.__dict__ | {"transforms": [list(t) for t in spec.transforms]},
+                                      "attack": plugin_spec(attack), "profile": profile.name,
+                                      "subject_fingerprint": subj["fingerprint"], "instance_prompt": instance_prompt,
+                                      "eval_prompts": eval_prompts, "metrics": sorted(measures)}
+                            cells.append(Cell(keys, config, sorted(cell_stages), measures,
+                                              {"defense": protect_deps[0] if protect_deps else "", "attacker": attacker_model}))
+    ordered = _topological(b.stages)
+    return Plan(ordered, cells)
+
+
+def _topological(stages: dict[str, Stage]) -> dict[str, Stage]:
+    order: dict[str, Stage] = {}
+
+    def visit(key: str) -> None:
+        if key in order:
+            return
+        for d in stages[key].deps:
+            visit(d)
+        order[key] = stages[key]
+
+    for k in stages:
+        visit(k)
+    return order
+
+
+def stage_depths(stages: dict[str, Stage]) -> dict[str, int]:
+    depth: dict[str, int] = {}
+    for key, st in stages.items():  # topological order
+        depth[key] = 1 + max((depth[d] for d in st.deps), default=-1)
+    return depth

@@ -1,0 +1,168 @@
+"""The plug-in kinds (DESIGN.md "Plug-ins") and their registries.
+
+Images travel between stages as ``uint8`` arrays of shape (H, W, 3), RGB. Every L-inf budget is in
+/255 pixel units, whatever space a method computes in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+import numpy as np
+
+from bench.registry import Plugin, Registry
+
+if TYPE_CHECKING:
+    from bench.datasets import Subject
+
+Image = np.ndarray  # uint8, HxWx3
+
+
+@dataclass
+class RunContext:
+    """What a stage gets besides its inputs."""
+
+    seed: int
+    device: str
+    profile: str
+    resolution: int
+    work_dir: Path  # where the stage writes its artifact (a temp dir renamed on success)
+    allow_unsafe_weights: bool = False
+    progress: Callable[[int, int], None] = lambda done, total: None
+    extra: dict[str, Any] = field(default_factory=dict)  # measurements the stage wants in the row
+
+    def torch_generator(self, offset: int = 0):
+        import torch
+
+        return torch.Generator(device="cpu").manual_seed(self.seed + offset)
+
+    def rng(self, offset: int = 0) -> np.random.Generator:
+        return np.random.default_rng(self.seed + offset)
+
+
+class Defense(Plugin):
+    """A protection. ``defense_kind`` picks the data-flow path (DESIGN.md)."""
+
+    defense_kind: ClassVar[Literal["perturb", "harden", "watermark"]] = "perturb"
+    needs_model: ClassVar[bool] = False  # needs a surrogate model (white-box)
+
+    def protect(self, ctx: RunContext, images: list[Image], subject: "Subject", model_dir: Path | None) -> list[Image]:
+        """perturb/watermark: the published images (same shapes, uint8)."""
+        raise NotImplementedError
+
+    def harden(self, ctx: RunContext, model_dir: Path, subject: "Subject", out_dir: Path) -> None:
+        """harden: write a diffusers model folder (safetensors) to ``out_dir``."""
+        raise NotImplementedError
+
+    def save_detector(self, ctx: RunContext, subject: "Subject", out_dir: Path) -> None:
+        """watermark: write what ``detect`` needs to ``out_dir``."""
+        raise NotImplementedError
+
+    @classmethod
+    def detect(cls, detector_dir: Path, images: list[Image]) -> np.ndarray:
+        """watermark: one score per image, higher = more likely watermarked."""
+        raise NotImplementedError
+
+    def budget_255(self) -> float | None:
+        """The declared L-inf budget in /255 pixel units, or None for unbounded kinds."""
+        return getattr(self.params, "eps", None)
+
+
+class Transform(Plugin):
+    """Attacker-side image -> image bypass, applied before fine-tuning."""
+
+    def apply(self, image: Image, rng: np.random.Generator) -> Image:
+        raise NotImplementedError
+
+
+class Attack(Plugin):
+    """Personalization: base model + training images -> fine-tuned weights in ``out_dir``."""
+
+    def class_images_needed(self) -> int:
+        return int(getattr(self.params, "num_class_images", 0) if getattr(self.params, "with_prior_preservation", False) else 0)
+
+    def train(self, ctx: RunContext, model_dir: Path, images: list[Image], instance_prompt: str,
+              class_prompt: str, class_images: list[Image], out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load_pipeline(self, model_dir: Path, trained_dir: Path, device: str, allow_unsafe: bool = False):
+        """The personalised diffusers pipeline, for generation."""
+        raise NotImplementedError
+
+
+@dataclass
+class MetricInputs:
+    """Everything a metric may look at; each metric reads what its protocol names."""
+
+    subject: "Subject"
+    resolution: int
+    generated: list[Image] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # one per generated image
+    protected: list[Image] = field(default_factory=list)  # set_B after the defense
+    clean: list[Image] = field(default_factory=list)  # set_B before the defense
+    detector_dir: Path | None = None  # watermark defenses only
+    defense: str = ""
+    generated_names: list[str] = field(default_factory=list)
+
+
+class Metric(Plugin):
+    """A number computed under a fixed protocol (``protocol_id`` is the leaderboard column)."""
+
+    target: ClassVar[Literal["protected", "generated"]] = "generated"
+    higher_is_better: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def protocol_id(self) -> str:
+        raise NotImplementedError
+
+    def compute(self, inputs: MetricInputs) -> float:
+        raise NotImplementedError
+
+
+class Dataset(Plugin):
+    """A source of subjects. ``root`` is None for built-in data."""
+
+    needs_root: ClassVar[bool] = True
+    manifest: ClassVar[str] = ""  # file under data_manifests/
+
+    def subjects(self, root: Path | None) -> list["Subject"]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """What the attacker gets (DESIGN.md "Scenario")."""
+
+    leak: int | str = 0  # clean images among the N training images: an int, "N-1" or "N"
+    transforms: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (name, sorted params)
+    attacker_model: Literal["same", "mismatch"] = "same"
+    identifier: str | None = None  # None: the profile's ("sks")
+    instance_prompt: str | None = None  # template with {identifier} and {class_noun}
+
+
+class Scenario(Plugin):
+    def spec(self) -> ScenarioSpec:
+        raise NotImplementedError
+
+
+class Executor(Plugin):
+    """Runs ready stages. Workers compute artifacts; only the driver writes the ledger."""
+
+    def run(self, tasks: list[str], run_one: Callable[[str], Any], on_result: Callable[[Any], None]) -> None:
+        """Run independent stage keys; call ``on_result`` in this (the driver's) process for each result."""
+        raise NotImplementedError
+
+
+DEFENSES: Registry[Defense] = Registry("defense", Defense, "antipersonalization_bench.defenses")
+TRANSFORMS: Registry[Transform] = Registry("transform", Transform, "antipersonalization_bench.transforms")
+ATTACKS: Registry[Attack] = Registry("attack", Attack, "antipersonalization_bench.attacks")
+METRICS: Registry[Metric] = Registry("metric", Metric, "antipersonalization_bench.metrics")
+DATASETS: Registry[Dataset] = Registry("dataset", Dataset, "antipersonalization_bench.datasets")
+SCENARIOS: Registry[Scenario] = Registry("scenario", Scenario, "antipersonalization_bench.scenarios")
+EXECUTORS: Registry[Executor] = Registry("executor", Executor, "antipersonalization_bench.executors")
+
+REGISTRIES: dict[str, Registry] = {
+    "defenses": DEFENSES, "transforms": TRANSFORMS, "attacks": ATTACKS, "metrics": METRICS,
+    "datasets": DATASETS, "scenarios": SCENARIOS, "executors": EXECUTORS,
+}

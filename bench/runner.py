@@ -1,0 +1,265 @@
+"""The driver of ``bench run``: plan, execute missing stages through an executor, write the ledger, the
+leaderboard and ``summary.json``. Only this process writes the ledger."""
+from __future__ import annotations
+
+import fcntl
+import functools
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.leaderboard import write_leaderboard
+from bench.ledger import Ledger
+from bench.planner import Cell, Plan, build_plan, stage_depths
+from bench.plugins import EXECUTORS
+from bench.profiles import Profile, get_profile, resolve_device
+from bench.registry import ConfigError, load_builtins
+from bench.stages import StageEnv, StageResult, run_stage
+from bench.store import ArtifactStore, atomic_write_json
+from bench.suites import Suite, load_suite
+
+
+@dataclass
+class RunOptions:
+    suite: str
+    profile: str = "tiny"
+    out: Path = Path("runs")
+    data: dict[str, Path] = field(default_factory=dict)
+    executor: str = "local"
+    dry_run: bool = False
+    allow_unsafe_weights: bool = False
+    device: str | None = None
+    progress: bool | None = None  # None: only on a terminal
+
+
+@dataclass
+class Prepared:
+    suite: Suite
+    profile: Profile
+    plan: Plan
+    subject_errors: dict[str, str]  # subject key -> why it could not be listed
+
+
+def prepare(opts: RunOptions) -> Prepared:
+    """Everything that can fail before any work: suite, profile, datasets, plan (ConfigError -> exit 2)."""
+    load_builtins()
+    profile = get_profile(opts.profile)
+    suite = load_suite(opts.suite, profile.name, opts.data)
+    subjects: dict[str, list] = {}
+    for d in suite.datasets:
+        root = Path(d.extra["root"]).expanduser() if d.extra.get("root") else None
+        if root is not None and not root.is_dir():
+            raise ConfigError(f"--data {d.name}={root}: no such folder")
+        try:
+            subjects[d.label] = d.create().subjects(root)
+        except ValueError as e:  # DataError: wrong layout, empty root
+            raise ConfigError(f"dataset {d.name} at {root}: {e}") from None
+        if not subjects[d.label]:
+            raise ConfigError(f"dataset {d.name} at {root}: no subjects found")
+    plan = build_plan(suite, profile, subjects)
+    return Prepared(suite, profile, plan, {})
+
+
+def describe_plan(p: Prepared) -> str:
+    from collections import Counter
+
+    kinds = Counter(s.kind for s in p.plan.stages.values())
+    lines = [f"suite {p.suite.name} ({p.suite.path}), profile {p.profile.name}",
+             f"cells: {len(p.plan.cells)}",
+             f"unique stage executions: {len(p.plan.stages)} ({', '.join(f'{k} {v}' for k, v in kinds.items())})",
+             f"naive per-cell stage executions: {p.plan.naive_stage_count()}"]
+    if p.plan.stages:
+        lines.append(f"sharing factor: {p.plan.naive_stage_count() / len(p.plan.stages):.1f}x")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def code_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return rev.stdout.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "pkg-" + _version("antipersonalization-bench")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    names = ["torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "brisque", "dlib-bin"]
+    return {"python": sys.version.split()[0], **{n: _version(n) for n in names}}
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class StageCall:
+    """Picklable ``key -> StageResult`` for executors that ship work to other processes."""
+
+    env: StageEnv
+
+    def __call__(self, key: str) -> StageResult:
+        return run_stage(self.env.stages[key], self.env)
+
+
+class _OutLock:
+    """One driver per output folder."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.f = open(out / ".lock", "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out} is in use by another `bench run`; wait for it or pick another --out") from None
+
+    def release(self) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def execute(p: Prepared, opts: RunOptions) -> dict[str, Any]:
+    out = Path(opts.out)
+    lock = _OutLock(out)
+    try:
+        return _execute(p, opts, out)
+    finally:
+        lock.release()
+
+
+def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
+    started = time.time()
+    store = ArtifactStore(out / "cache")
+    store.clean_temps()
+    ledger = Ledger(out / "ledger.sqlite")
+    device = opts.device or resolve_device(p.profile)
+    show = sys.stderr.isatty() if opts.progress is None else opts.progress
+    stages = p.plan.stages
+    executor = EXECUTORS.create(opts.executor)
+
+    cached = {k for k, s in stages.items() if store.is_done(s.kind, k)}
+    failed: dict[str, str] = {}
+    ran: set[str] = set()
+    todo = [k for k in stages if k not in cached]
+    overall = tqdm(total=len(stages), initial=len(cached), desc="stages", unit="stage", disable=not show)
+    inner = tqdm(total=0, desc="", leave=False, disable=not show)
+
+    def progress(done: int, total: int) -> None:
+        if inner.total != total:
+            inner.reset(total=total)
+        inner.n = done
+        inner.refresh()
+
+    env = StageEnv(store=store, stages=stages, profile=p.profile.name, device=device,
+                   allow_unsafe_weights=opts.allow_unsafe_weights,
+                   progress=progress if opts.executor == "local" else _no_progress)
+
+    def on_result(res: StageResult) -> None:
+        st = stages[res.key]
+        ledger.put_stage_run(res.key, st.kind, st.label, res.ok, res.error, res.record)
+        if res.ok:
+            ran.add(res.key)
+        else:
+            failed[res.key] = f"{st.kind} stage failed ({st.label}): {res.error}"
+        overall.update(1)
+
+    run_one = StageCall(env)
+
+    depth = stage_depths(stages)
+    for level in sorted(set(depth[k] for k in todo)):
+        wave = []
+        for k in todo:
+            if depth[k] != level:
+                continue
+            bad = [d for d in stages[k].deps if d in failed]
+            if bad:
+                failed[k] = failed[bad[0]]  # inherit the first upstream reason
+                overall.update(1)
+            else:
+                wave.append(k)
+        if wave:
+            executor.run(wave, run_one, on_result)
+    inner.close()
+    overall.close()
+
+    cells_ok, failures = 0, {}
+    for cell in p.plan.cells:
+        status, reason, metrics = _finalise_cell(cell, store, stages, failed)
+        prov = _provenance(cell, store, stages, p.profile)
+        ledger.put_cell(p.suite.name, p.profile.name, cell.cell_id, cell.keys, status, reason, metrics, prov)
+        if status == "ok":
+            cells_ok += 1
+        else:
+            failures[_cell_name(cell)] = reason
+    plan_ids = {c.cell_id for c in p.plan.cells}
+    rows = [r for r in ledger.cells(p.suite.name, p.profile.name) if r["cell_id"] in plan_ids]
+    csv_path, md_path = write_leaderboard(rows, out, p.suite.name)
+    ledger.close()
+    summary = {
+        "suite": p.suite.name, "profile": p.profile.name, "device": device, "code_rev": code_revision(),
+        "cells_total": len(p.plan.cells), "cells_ok": cells_ok, "cells_failed": len(failures),
+        "stages_total": len(stages), "stages_run": len(ran), "stages_cached": len(cached),
+        "stages_failed": len([k for k in failed if k in todo]),
+        "naive_stage_executions": p.plan.naive_stage_count(),
+        "failures": failures, "leaderboard_csv": str(csv_path), "leaderboard_md": str(md_path),
+        "wall_s": round(time.time() - started, 2),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _cell_name(cell: Cell) -> str:
+    k = cell.keys
+    return f"{k['dataset']}/{k['subject']} | {k['defense']} | {k['scenario']} | {k['attack']} | seed {k['seed']}"
+
+
+def _finalise_cell(cell: Cell, store: ArtifactStore, stages, failed: dict[str, str]) -> tuple[str, str, dict]:
+    for key in cell.stages:
+        if key in failed:
+            return "failed", failed[key], {}
+    metrics = {}
+    for pid, key in cell.measures.items():
+        value = json.loads((store.path("measure", key) / "value.json").read_text())["value"]
+        metrics[pid] = value
+    return "ok", "", metrics
+
+
+def _provenance(cell: Cell, store: ArtifactStore, stages, profile: Profile) -> dict[str, Any]:
+    wall, peak, weights, extra = 0.0, 0.0, {}, {}
+    for key in cell.stages:
+        st = stages[key]
+        if not store.is_done(st.kind, key):
+            continue
+        rec = store.record(st.kind, key)
+        wall += rec.get("wall_s", 0.0)
+        peak = max(peak, rec.get("peak_rss_mb") or 0.0)
+        if st.kind == "model":
+            ref = st.params["ref"]
+            weights[ref] = rec["extra"].get("weights_sha256", {})
+            pins = profile.expected_weight_sha256.get(ref)
+            if pins:
+                extra[f"weights_match_pin[{ref}]"] = all(weights[ref].get(c) == h for c, h in pins.items())
+        if st.kind in ("protect", "compose"):
+            extra.update({f"{st.kind}.{k}": v for k, v in rec.get("extra", {}).items()})
+    return {"config_hash": cell.config_hash, "config": cell.config, "code_rev": code_revision(),
+            "versions": package_versions(), "seed": cell.keys["seed"], "wall_s": round(wall, 3),
+            "peak_rss_mb": peak, "weights_sha256": weights, "stages": cell.stages, **extra}

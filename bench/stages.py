@@ -1,0 +1,277 @@
+"""Stage runners: each is a pure function of its parameters and input artifacts, writing into a fresh folder.
+
+``run_stage`` is what an executor calls (in this process, or in a worker on a cluster node); it returns a
+small record (wall time, peak memory, what the stage wants in the result row) and never touches the ledger.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bench.images import load_png, save_png
+from bench.planner import Stage
+from bench.plugins import ATTACKS, DATASETS, DEFENSES, METRICS, Image, MetricInputs, RunContext, ScenarioSpec
+from bench.registry import build_params
+from bench.scenarios import compose_training_set
+from bench.store import ArtifactStore
+
+_SUBJECT_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def subject_from_spec(spec: dict):
+    cache_key = json.dumps([spec["dataset"], spec["root"], spec["dataset_params"]], sort_keys=True)
+    if cache_key not in _SUBJECT_CACHE:
+        cls = DATASETS.get(spec["dataset"])
+        ds = cls(build_params(cls, spec["dataset_params"], None, f"dataset {spec['dataset']}"))
+        _SUBJECT_CACHE[cache_key] = {s.id: s for s in ds.subjects(Path(spec["root"]) if spec["root"] else None)}
+    subject = _SUBJECT_CACHE[cache_key][spec["id"]]
+    if subject.fingerprint() != spec["fingerprint"]:
+        raise RuntimeError(f"subject {subject.key()} changed on disk since the plan was made; run again")
+    return subject
+
+
+def _plugin(registry, spec: dict, profile: str):
+    cls = registry.get(spec["name"])
+    return cls(build_params(cls, spec["params"], None, f"{registry.kind} {spec['name']}"))
+
+
+def save_images(images: list[Image], folder: Path, names: list[str] | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        save_png(img, folder / (names[i] if names else f"{i:03d}.png"))
+
+
+def load_images(folder: Path) -> list[Image]:
+    return [load_png(p) for p in sorted(folder.glob("*.png"))]
+
+
+def model_dir_of(store: ArtifactStore, stage: Stage) -> Path:
+    """The diffusers folder a model-producing stage (model, or protect of a harden defense) stands for."""
+    path = store.path(stage.kind, stage.key)
+    pointer = path / "model.json"
+    if pointer.is_file():
+        return Path(json.loads(pointer.read_text())["path"])
+    return path / "model"
+
+
+@dataclass
+class StageEnv:
+    """What runners need besides the stage: the store, the plan's stages, run-wide options."""
+
+    store: ArtifactStore
+    stages: dict[str, Stage]
+    profile: str
+    device: str
+    allow_unsafe_weights: bool = False
+    progress: Callable[[int, int], None] = lambda d, t: None
+
+    def dep(self, stage: Stage, kind: str) -> Stage:
+        found = [self.stages[k] for k in stage.deps if self.stages[k].kind == kind]
+        if not found:
+            raise KeyError(f"{stage.kind} stage has no {kind} input")
+        return found[0]
+
+    def model_input(self, stage: Stage) -> Path:
+        for k in stage.deps:
+            dep = self.stages[k]
+            if dep.kind == "model" or (dep.kind == "protect" and dep.params["kind"] == "harden"):
+                return model_dir_of(self.store, dep)
+        raise KeyError(f"{stage.kind} stage has no model input")
+
+
+def run_model(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    from bench import models
+
+    ref = stage.params["ref"]
+    if ref.startswith("tiny:"):
+        models.prepare_tiny(ref.split(":", 1)[1], ctx.work_dir / "model", stage.params["pretrain"], seed=0,
+                            resolution=stage.params["resolution"])
+        path = ctx.work_dir / "model"
+    else:
+        path = models.resolve_model(ref, env.allow_unsafe_weights)
+        models.check_safe(path, env.allow_unsafe_weights)
+        (ctx.work_dir / "model.json").write_text(json.dumps({"path": str(path), "ref": ref}))
+    ctx.extra["weights_sha256"] = models.weight_hashes(path)
+
+
+def run_protect(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    p = stage.params
+    subject = subject_from_spec(p["subject"])
+    defense = _plugin(DEFENSES, p["defense"], env.profile)
+    clean = subject.load("B", p["resolution"])
+    model_dir = env.model_input(stage) if stage.deps else None
+    names = [Path(n).stem + ".png" for n in subject.file_names("B")]
+    if p["kind"] == "harden":
+        defense.harden(ctx, model_dir, subject, ctx.work_dir / "model")
+        published = clean  # the owner publishes unmodified photos; the model carries the protection
+    else:
+        published = defense.protect(ctx, clean, subject, model_dir)
+        _check_published(published, clean, defense, p["defense"]["name"])
+        if p["kind"] == "watermark":
+            defense.save_detector(ctx, subject, ctx.work_dir / "detector")
+    save_images(published, ctx.work_dir / "images", names)
+    if published is not clean:
+        diff = max(int(np.abs(a.astype(np.int16) - c.astype(np.int16)).max()) for a, c in zip(published, clean))
+        ctx.extra["realised_linf_255"] = diff
+
+
+def _check_published(published: list[Image], clean: list[Image], defense, name: str) -> None:
+    if len(published) != len(clean):
+        raise RuntimeError(f"defense {name} returned {len(published)} images for {len(clean)} inputs")
+    budget = defense.budget_255()
+    for i, (a, c) in enumerate(zip(published, clean)):
+        if a.dtype != np.uint8 or a.shape != c.shape:
+            raise RuntimeError(f"defense {name} returned image {i} as {a.dtype}{a.shape}, expected uint8{c.shape}")
+        if budget is not None:
+            linf = int(np.abs(a.astype(np.int16) - c.astype(np.int16)).max())
+            if linf > math.floor(budget + 1e-9):
+                raise RuntimeError(f"defense {name} exceeded its budget on image {i}: L-inf {linf}/255 > {budget}/255")
+
+
+def run_compose(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    p = stage.params
+    subject = subject_from_spec(p["subject"])
+    protect = env.dep(stage, "protect")
+    published = load_images(env.store.path("protect", protect.key) / "images")
+    clean_b = subject.load("B", p["resolution"])
+    clean_c = subject.load("C", p["resolution"]) if subject.splits.get("C") else []
+    sc = dict(p["scenario"])
+    sc["transforms"] = tuple((n, tuple(tuple(kv) for kv in params)) for n, params in sc["transforms"])
+    images, origin = compose_training_set(published, clean_b, clean_c, ScenarioSpec(**sc), ctx.rng())
+    save_images(images, ctx.work_dir / "images")
+    (ctx.work_dir / "origin.json").write_text(json.dumps(origin))
+    ctx.extra["training_set"] = origin
+
+
+def run_class_images(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    from attacks.dreambooth import generate_class_images
+
+    p = stage.params
+    images = generate_class_images(env.model_input(stage), p["prompt"], p["n"], ctx, p["sampler"], p["steps"], p["guidance"])
+    save_images(images, ctx.work_dir / "images")
+
+
+def run_attack(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    p = stage.params
+    attack = _plugin(ATTACKS, p["attack"], env.profile)
+    compose = env.dep(stage, "compose")
+    images = load_images(env.store.path("compose", compose.key) / "images")
+    class_images: list[Image] = []
+    if any(env.stages[k].kind == "class_images" for k in stage.deps):
+        class_images = load_images(env.store.path("class_images", env.dep(stage, "class_images").key) / "images")
+    attack.train(ctx, env.model_input(stage), images, p["instance_prompt"], p["class_prompt"], class_images,
+                 ctx.work_dir / "trained")
+
+
+def run_generate(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    from bench.models import generate
+
+    p = stage.params
+    attack = _plugin(ATTACKS, p["attack"], env.profile)
+    trained = env.store.path("attack", env.dep(stage, "attack").key) / "trained"
+    pipe = attack.load_pipeline(env.model_input(stage), trained, ctx.device, env.allow_unsafe_weights)
+    out = generate(pipe, p["prompts"], p["n_per_prompt"], p["steps"], p["guidance"], p["seed"], p["resolution"])
+    names, prompts = [], []
+    for i, (prompt, img) in enumerate(out):
+        names.append(f"{i:04d}.png")
+        prompts.append(prompt)
+    save_images([img for _, img in out], ctx.work_dir / "images", names)
+    (ctx.work_dir / "prompts.json").write_text(json.dumps(dict(zip(names, prompts))))
+
+
+def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    p = stage.params
+    metric = _plugin(METRICS, p["metric"], env.profile)
+    subject = subject_from_spec(p["subject"])
+    protect = env.dep(stage, "protect")
+    ppath = env.store.path("protect", protect.key)
+    inputs = MetricInputs(subject=subject, resolution=p["resolution"], defense=p["defense"])
+    if (ppath / "detector").is_dir():
+        inputs.detector_dir = ppath / "detector"
+    if p["target"] == "protected":
+        inputs.protected = load_images(ppath / "images")
+        inputs.clean = subject.load("B", p["resolution"])
+    else:
+        gpath = env.store.path("generate", env.dep(stage, "generate").key)
+        prompts = json.loads((gpath / "prompts.json").read_text())
+        inputs.generated_names = sorted(prompts)
+        inputs.generated = [load_png(gpath / "images" / n) for n in inputs.generated_names]
+        inputs.prompts = [prompts[n] for n in inputs.generated_names]
+    value = float(metric.compute(inputs))
+    (ctx.work_dir / "value.json").write_text(json.dumps({"protocol": p["protocol"], "value": value}))
+
+
+RUNNERS: dict[str, Callable[[Stage, StageEnv, RunContext], None]] = {
+    "model": run_model, "protect": run_protect, "compose": run_compose, "class_images": run_class_images,
+    "attack": run_attack, "generate": run_generate, "measure": run_measure,
+}
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+@dataclass
+class StageResult:
+    key: str
+    ok: bool
+    error: str = ""
+    record: dict | None = None
+
+
+def run_stage(stage: Stage, env: StageEnv) -> StageResult:
+    """Run one stage into the store; errors become a result, never a crash of the driver."""
+    store = env.store
+    if store.is_done(stage.kind, stage.key):
+        return StageResult(stage.key, True, record=store.record(stage.kind, stage.key))
+    tmp = store.begin(stage.kind, stage.key)
+    seed = int(stage.params.get("seed", 0))
+    ctx = RunContext(seed=seed, device=env.device, profile=env.profile,
+                     resolution=int(stage.params.get("resolution", 0) or 0), work_dir=tmp,
+                     allow_unsafe_weights=env.allow_unsafe_weights, progress=env.progress)
+    start = time.perf_counter()
+    try:
+        _seed_everything(seed)
+        RUNNERS[stage.kind](stage, env, ctx)
+    except Exception as e:  # recorded for the cell; the rest of the suite goes on
+        store.abort(tmp)
+        return StageResult(stage.key, False, error=_reason(e))
+    record = {"kind": stage.kind, "key": stage.key, "label": stage.label, "params": stage.params, "deps": list(stage.deps),
+              "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+              "peak_gpu_mb": _peak_gpu_mb(), "extra": ctx.extra}
+    store.commit(stage.kind, stage.key, tmp, record)
+    return StageResult(stage.key, True, record=record)
+
+
+def _reason(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _peak_gpu_mb() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return None

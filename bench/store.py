@@ -1,0 +1,75 @@
+"""Content-addressed artifact store: one folder per stage key, published atomically.
+
+A stage computes into ``<root>/<kind>/.tmp-<key>-<pid>/`` and, once ``done.json`` is written inside it,
+the folder is renamed to ``<root>/<kind>/<key>``. A folder without ``done.json`` never exists under its
+final name, so a killed run leaves only temp folders, which the next run deletes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:24]
+
+    def is_done(self, kind: str, key: str) -> bool:
+        return (self.path(kind, key) / "done.json").is_file()
+
+    def record(self, kind: str, key: str) -> dict:
+        return json.loads((self.path(kind, key) / "done.json").read_text())
+
+    def begin(self, kind: str, key: str) -> Path:
+        tmp = self.root / kind / f".tmp-{key[:24]}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, kind: str, key: str, tmp: Path, record: dict) -> None:
+        atomic_write_json(tmp / "done.json", record)
+        final = self.path(kind, key)
+        if final.exists():  # finished elsewhere meanwhile (same content by construction)
+            shutil.rmtree(tmp)
+            return
+        os.rename(tmp, final)
+
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def clean_temps(self) -> int:
+        n = 0
+        if self.root.is_dir():
+            for kind_dir in self.root.iterdir():
+                if kind_dir.is_dir():
+                    for tmp in kind_dir.glob(".tmp-*"):
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        n += 1
+        return n

@@ -1,0 +1,160 @@
+"""End-to-end runs on the tiny profile: contract of `bench run`, cache, resume after a kill, failures, determinism,
+and the harden / watermark data-flow paths."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from tests.conftest import MICRO, REPO, SHARED_DATA, write_suite
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_smoke_suite_contract_and_cached_rerun(out_dir, tmp_path):
+    assert main(["run", "--suite", "smoke", "--profile", "tiny", "--out", str(out_dir)]) == 0
+    s = summary(out_dir)
+    assert s["cells_ok"] == 8 and s["cells_failed"] == 0 and s["failures"] == {}
+    assert s["stages_run"] > 0 and s["stages_cached"] >= 1  # the copied base model
+    csv = out_dir / "leaderboards" / "smoke.csv"
+    df = pd.read_csv(csv)
+    assert len(df) == 4  # defense x scenario x attack
+    for col in ["linf/255/protected-vs-clean", "brisque/pypi-brisque/native", "fdfr/dlib-hog-up1", "n", "config_hash", "code_rev"]:
+        assert col in df.columns, col
+    noise = df[df.defense == "random-noise"]
+    assert (noise["linf/255/protected-vs-clean"] <= 6.375).all() and (noise["linf/255/protected-vs-clean"] >= 6).all()
+    assert (df[df.defense == "none"]["linf/255/protected-vs-clean"] == 0).all()
+    before = csv.read_bytes()
+    assert main(["run", "--suite", "smoke", "--profile", "tiny", "--out", str(out_dir)]) == 0
+    again = summary(out_dir)
+    assert again["stages_run"] == 0 and again["stages_cached"] == s["stages_total"]
+    assert csv.read_bytes() == before
+    # every cell row carries provenance
+    rows = sqlite3.connect(out_dir / "ledger.sqlite").execute("SELECT provenance FROM cells").fetchall()
+    prov = json.loads(rows[0][0])
+    assert prov["config_hash"] and prov["code_rev"] and prov["versions"]["torch"] and prov["weights_sha256"]
+
+
+def _stage_dirs(out: Path) -> dict[str, float]:
+    return {str(p.parent): p.stat().st_mtime_ns for p in (out / "cache").glob("*/*/done.json")}
+
+
+def test_kill_and_resume_gives_the_same_leaderboard_and_bytes(out_dir, tmp_path):
+    suite = write_suite(tmp_path, MICRO)
+    ref_out = tmp_path / "ref"
+    import shutil
+
+    shutil.copytree(out_dir / "cache" / "model", ref_out / "cache" / "model")
+    assert main(["run", "--suite", str(suite), "--out", str(ref_out)]) == 0
+
+    cmd = [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--out", str(out_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out_dir / "cache").glob("attack/*/done.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = _stage_dirs(out_dir)
+    assert any("/attack/" in k for k in done_before), "the run was killed before any attack finished"
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
+    s = summary(out_dir)
+    assert s["stages_cached"] == len(done_before)  # nothing finished was recomputed
+    after = _stage_dirs(out_dir)
+    assert all(after[k] == v for k, v in done_before.items())
+    a = pd.read_csv(ref_out / "leaderboards" / "micro.csv")
+    b = pd.read_csv(out_dir / "leaderboards" / "micro.csv")
+    pd.testing.assert_frame_equal(a.drop(columns=["code_rev"]), b.drop(columns=["code_rev"]))
+    # same seed, same bytes: every generated image of the two runs is identical
+    ga = sorted((ref_out / "cache" / "generate").glob("*/images/*.png"))
+    gb = sorted((out_dir / "cache" / "generate").glob("*/images/*.png"))
+    assert len(ga) == len(gb) > 0
+    assert [p.read_bytes() for p in ga] == [p.read_bytes() for p in gb]
+
+
+def _faces_root(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    for sid in ["good01", "bad02"]:
+        for split in "ABC":
+            d = root / sid / f"set_{split}"
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(d / f"{i:04d}.png")
+    (root / "bad02" / "set_B" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return root
+
+
+def test_bad_image_fails_only_its_subject(out_dir, tmp_path):
+    root = _faces_root(tmp_path)
+    suite = write_suite(tmp_path, MICRO)
+    code = main(["run", "--suite", str(suite), "--out", str(out_dir), "--data", f"vggface2={root}"])
+    assert code == 1
+    s = summary(out_dir)
+    assert s["cells_ok"] == 2 and s["cells_failed"] == 2
+    for cell, reason in s["failures"].items():
+        assert "bad02" in cell and "0001.png" in reason
+    df = pd.read_csv(out_dir / "leaderboards" / "micro.csv")
+    assert set(df["n"]) == {1} and set(df["n_failed"]) == {1}
+
+
+def test_harden_and_watermark_paths(out_dir, tmp_path):
+    body = MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", "defenses: [none, test-harden, test-watermark]") \
+                .replace("metrics: [linf, psnr, brisque]", "metrics: [linf, watermark-detect-rate]")
+    suite = write_suite(tmp_path, body)
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
+    from bench.runner import RunOptions, prepare
+    from bench.stages import load_images
+
+    plan = prepare(RunOptions(suite=str(suite), out=out_dir)).plan
+    by_def = {c.keys["defense"]: c for c in plan.cells}
+    harden_protect = [k for k in by_def["test-harden"].stages if plan.stages[k].kind == "protect"][0]
+    attack = [plan.stages[k] for k in by_def["test-harden"].stages if plan.stages[k].kind == "attack"][0]
+    assert harden_protect in attack.deps  # the hardened model is the attacker's base model
+    assert (out_dir / "cache" / "protect" / harden_protect[:24] / "model" / "unet").is_dir()
+    cls_h = [plan.stages[k] for k in attack.deps if plan.stages[k].kind == "class_images"][0]
+    none_attack = [plan.stages[k] for k in by_def["none"].stages if plan.stages[k].kind == "attack"][0]
+    cls_n = [plan.stages[k] for k in none_attack.deps if plan.stages[k].kind == "class_images"][0]
+    assert cls_h.key != cls_n.key  # class images come from the hardened model
+    wm_protect = [k for k in by_def["test-watermark"].stages if plan.stages[k].kind == "protect"][0]
+    wdir = out_dir / "cache" / "protect" / wm_protect[:24]
+    from bench.plugins import DEFENSES
+
+    det = DEFENSES.get("test-watermark")
+    from bench.stages import subject_from_spec
+
+    marked = det.detect(wdir / "detector", load_images(wdir / "images"))
+    clean = det.detect(wdir / "detector", subject_from_spec(plan.stages[wm_protect].params["subject"]).load("B", 64))
+    assert marked.min() > 0.5 > clean.max()
+    df = pd.read_csv(out_dir / "leaderboards" / "micro.csv").set_index("defense")
+    col = "wm-detect/own-detector/threshold=0.5"
+    assert np.isnan(df.loc["none", col]) and not np.isnan(df.loc["test-watermark", col])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "faces").is_dir(), reason="../shared/data/faces not present")
+def test_real_faces_smoke(out_dir, tmp_path):
+    body = MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", "defenses: [{name: random-noise, eps: 8}]")
+    suite = write_suite(tmp_path, body)
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir), "--data", f"vggface2={SHARED_DATA / 'faces'}"]) == 0
+    df = pd.read_csv(out_dir / "leaderboards" / "micro.csv")
+    assert df["n"].tolist() == [2]  # both identities
+    assert df["linf/255/protected-vs-clean"].tolist() == [8]
+
+
+def test_dry_run_prints_sharing(capsys):
+    assert main(["run", "--suite", "robustness", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "unique stage executions" in out and "naive per-cell" in out
