@@ -395,7 +395,7 @@ def load_components(model_dir: Path, device: str = "cpu", dtype: torch.dtype = t
 
     model_dir = Path(model_dir)
     check_safe(model_dir, allow_unsafe)
-    kw = {"use_safetensors": not allow_unsafe, "local_files_only": True}
+    kw = {"use_safetensors": None if allow_unsafe else True, "local_files_only": True}
     return SDComponents(
         tokenizer=CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", local_files_only=True),
         text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype, **kw).to(device),
@@ -435,7 +435,8 @@ def load_pipeline(model_dir: Path, device: str, sampler: str = "default", allow_
     check_safe(model_dir, allow_unsafe)
     swaps = {k: m for k, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
-                                                   use_safetensors=not allow_unsafe, local_files_only=True, **swaps)
+                                                   use_safetensors=None if allow_unsafe else True,
+                                                   local_files_only=True, **swaps)
     set_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

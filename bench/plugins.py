@@ -116,6 +116,10 @@ class Metric(Plugin):
     def protocol_id(self) -> str:
         raise NotImplementedError
 
+    def applies_to(self, subject: "Subject") -> bool:
+        """False where the protocol is undefined (face metrics on a dog): the cell reports NaN, not a failure."""
+        return True
+
     def compute(self, inputs: MetricInputs) -> float:
         raise NotImplementedError
 

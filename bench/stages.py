@@ -206,7 +206,7 @@ def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
         inputs.generated_names = sorted(prompts)
         inputs.generated = [load_png(gpath / "images" / n) for n in inputs.generated_names]
         inputs.prompts = [prompts[n] for n in inputs.generated_names]
-    value = float(metric.compute(inputs))
+    value = float(metric.compute(inputs)) if metric.applies_to(subject) else math.nan
     (ctx.work_dir / "value.json").write_text(json.dumps({"protocol": p["protocol"], "value": value}))
 
 

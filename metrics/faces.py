@@ -133,8 +133,15 @@ def _generated(inputs: MetricInputs, metric: str) -> list[Image]:
     return inputs.generated
 
 
+class _FaceMetric(Metric):
+    """Face metrics are defined for face subjects only (class noun "person"); elsewhere the cell reports NaN."""
+
+    def applies_to(self, subject) -> bool:
+        return getattr(subject, "class_noun", "person") == "person"
+
+
 @METRICS.register("fdfr", version=1)
-class Fdfr(Metric):
+class Fdfr(_FaceMetric):
     """Face detection failure rate: (#generated images with no face) / (#generated images), in [0, 1]
     (Anti-DreamBooth: every image counts in the denominator). A defense wants the attacker's model to produce
     no detectable face, so higher is better for the defender."""
@@ -167,7 +174,7 @@ class IsmParams(FaceParams):
 
 
 @METRICS.register("ism", version=1)
-class Ism(Metric):
+class Ism(_FaceMetric):
     """Identity score matching: cosine similarity between each generated image's embedding (largest face) and the
     mean embedding of the subject's clean set_A + set_B (native resolution), averaged over generated images with a
     face (Anti-DreamBooth's skip-noface policy); NaN when no generated image has a face. In [-1, 1]; a defense

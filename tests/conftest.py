@@ -12,6 +12,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.cli import configure_threads, quiet_libraries  # noqa: E402
+
+configure_threads()
+quiet_libraries()
+
 import tests.plugins_for_tests  # noqa: E402,F401  (registers the test-only harden/watermark defenses)
 
 MICRO = """
