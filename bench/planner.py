@@ -98,7 +98,7 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
     cells: list[Cell] = []
 
     def model_stage(role: str) -> str:
-        ref = profile.models[role]
+        ref = profile.models.get(role, role)  # a profile role, or a model reference itself
         params: dict[str, Any] = {"ref": ref}
         if ref.startswith("tiny:"):
             params.update(pretrain=profile.tiny_pretrain, resolution=profile.resolution)
@@ -111,10 +111,10 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                 for defense in suite.defenses:
                     dcls = defense.plugin_cls
                     dspec = plugin_spec(defense)
-                    protect_deps: tuple[str, ...] = ()
-                    if dcls.needs_model or dcls.defense_kind == "harden":
-                        protect_deps = (model_stage("default"),)
+                    roles = defense.create().model_roles()
+                    protect_deps = tuple(model_stage(r) for r in roles)
                     protect = b.add("protect", {"defense": dspec, "kind": dcls.defense_kind, "subject": subj,
+                                                "model_roles": list(roles),
                                                 "seed": seed, "resolution": profile.resolution},
                                     protect_deps, f"protect {defense.label} {subject.key()}")
                     for scenario in suite.scenarios:

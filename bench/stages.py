@@ -108,7 +108,8 @@ def run_protect(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     subject = subject_from_spec(p["subject"])
     defense = _plugin(DEFENSES, p["defense"], env.profile)
     clean = subject.load("B", p["resolution"])
-    model_dir = env.model_input(stage) if stage.deps else None
+    ctx.models = {role: model_dir_of(env.store, env.stages[k]) for role, k in zip(p["model_roles"], stage.deps)}
+    model_dir = next(iter(ctx.models.values()), None)
     names = [Path(n).stem + ".png" for n in subject.file_names("B")]
     if p["kind"] == "harden":
         defense.harden(ctx, model_dir, subject, ctx.work_dir / "model")
@@ -173,12 +174,13 @@ def run_attack(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
 
 
 def run_generate(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
-    from bench.models import generate
+    from bench.models import generate, set_sampler
 
     p = stage.params
     attack = _plugin(ATTACKS, p["attack"], env.profile)
     trained = env.store.path("attack", env.dep(stage, "attack").key) / "trained"
-    pipe = attack.load_pipeline(env.model_input(stage), trained, ctx.device, env.allow_unsafe_weights)
+    pipe = set_sampler(attack.load_pipeline(env.model_input(stage), trained, ctx.device, env.allow_unsafe_weights),
+                       p["sampler"])
     out = generate(pipe, p["prompts"], p["n_per_prompt"], p["steps"], p["guidance"], p["seed"], p["resolution"])
     names, prompts = [], []
     for i, (prompt, img) in enumerate(out):
