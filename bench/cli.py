@@ -24,11 +24,24 @@ def _data_arg(values: list[str] | None) -> dict[str, Path]:
     return out
 
 
+def _kv_arg(values: list[str] | None, flag: str) -> dict[str, object]:
+    import yaml
+
+    out: dict[str, object] = {}
+    for v in values or []:
+        if "=" not in v:
+            raise ConfigError(f"{flag} {v!r}: expected KEY=VALUE, e.g. {flag} partition=gpu")
+        k, raw = v.split("=", 1)
+        out[k.strip()] = yaml.safe_load(raw)  # numbers and booleans typed as in YAML
+    return out
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from bench.runner import RunOptions, describe_plan, execute, prepare
 
     opts = RunOptions(suite=a.suite, profile=a.profile, out=Path(a.out), data=_data_arg(a.data), executor=a.executor,
-                      dry_run=a.dry_run, allow_unsafe_weights=a.allow_unsafe_weights, device=a.device)
+                      executor_params=_kv_arg(a.executor_opt, "--executor-opt"), dry_run=a.dry_run,
+                      allow_unsafe_weights=a.allow_unsafe_weights, keep_weights=a.keep_weights, device=a.device)
     prepared = prepare(opts)
     if a.dry_run:
         print(describe_plan(prepared))
@@ -148,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs", help="output folder (cache, ledger, leaderboards)")
     r.add_argument("--data", action="append", metavar="NAME=PATH", help="dataset folder, e.g. vggface2=../shared/data/faces")
     r.add_argument("--executor", default="local", help="local (default) or slurm")
+    r.add_argument("--executor-opt", action="append", metavar="KEY=VALUE",
+                   help="executor parameter, e.g. partition=gpu timeout_min=600 (see `bench list executors`)")
+    r.add_argument("--keep-weights", action="store_true",
+                   help="keep fine-tuned weights after generation (default: delete them, keep their records)")
     r.add_argument("--device", default=None, help="override the profile's device (cpu, cuda, cuda:1)")
     r.add_argument("--dry-run", action="store_true", help="print the plan (cells, unique vs naive stage executions)")
     r.add_argument("--allow-unsafe-weights", action="store_true", help="allow pickled (.bin/.ckpt) weights: they can run code")

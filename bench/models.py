@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.images import file_sha256  # noqa: F401  (re-exported: weight hashes)
+
 CLIP_VOCAB_SIZE = 49408
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -350,14 +352,6 @@ def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     plain = [f for f in files if "." not in f.stem]
     return plain or files
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weight_hashes(model_dir: Path) -> dict[str, str]:

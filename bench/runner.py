@@ -33,8 +33,10 @@ class RunOptions:
     out: Path = Path("runs")
     data: dict[str, Path] = field(default_factory=dict)
     executor: str = "local"
+    executor_params: dict[str, Any] = field(default_factory=dict)
     dry_run: bool = False
     allow_unsafe_weights: bool = False
+    keep_weights: bool = False  # keep fine-tuned weights after their images were generated
     device: str | None = None
     progress: bool | None = None  # None: only on a terminal
 
@@ -64,6 +66,7 @@ def prepare(opts: RunOptions) -> Prepared:
         if not subjects[d.label]:
             raise ConfigError(f"dataset {d.name} at {root}: no subjects found")
     plan = build_plan(suite, profile, subjects)
+    EXECUTORS.create(opts.executor, opts.executor_params, where=f"--executor {opts.executor}")  # validate early
     return Prepared(suite, profile, plan, {})
 
 
@@ -154,12 +157,13 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
     device = opts.device or resolve_device(p.profile)
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
     stages = p.plan.stages
-    executor = EXECUTORS.create(opts.executor)
+    executor = EXECUTORS.create(opts.executor, opts.executor_params, where=f"--executor {opts.executor}")
 
     cached = {k for k, s in stages.items() if store.is_done(s.kind, k)}
+    todo = needed_stages(stages, cached, {k for k, s in stages.items() if store.is_pruned(s.kind, k)})
+    cached |= {k for k in stages if k not in todo}  # pruned stages nobody needs again count as done
     failed: dict[str, str] = {}
     ran: set[str] = set()
-    todo = [k for k in stages if k not in cached]
     overall = tqdm(total=len(stages), initial=len(cached), desc="stages", unit="stage", disable=not show)
     inner = tqdm(total=0, desc="", leave=False, disable=not show)
 
@@ -198,6 +202,8 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
                 wave.append(k)
         if wave:
             executor.run(wave, run_one, on_result)
+            if not opts.keep_weights:
+                _prune_consumed(stages, store)
     inner.close()
     overall.close()
 
@@ -227,6 +233,37 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
     return summary
 
 
+PRUNABLE = {"attack": "trained"}  # stage kind -> big artifact deleted once every consumer is done
+
+
+def needed_stages(stages, done: set[str], pruned: set[str]) -> list[str]:
+    """Stages to run, in topological order: not done, and (unless only a pruned leftover) needed by a consumer
+    that is itself to run. A pruned stage whose consumers are all done stays pruned."""
+    consumers: dict[str, list[str]] = {k: [] for k in stages}
+    for k, st in stages.items():
+        for d in st.deps:
+            consumers[d].append(k)
+    need: set[str] = set()
+    for k in reversed(list(stages)):
+        if k in done:
+            continue
+        if k in pruned and not any(c in need for c in consumers[k]):
+            continue
+        need.add(k)
+    return [k for k in stages if k in need]
+
+
+def _prune_consumed(stages, store: ArtifactStore) -> None:
+    consumers: dict[str, list[str]] = {}
+    for k, st in stages.items():
+        for d in st.deps:
+            consumers.setdefault(d, []).append(k)
+    for k, st in stages.items():
+        if st.kind in PRUNABLE and store.is_done(st.kind, k) and consumers.get(k):
+            if all(store.is_done(stages[c].kind, c) for c in consumers[k]):
+                store.prune(st.kind, k, PRUNABLE[st.kind])
+
+
 def _cell_name(cell: Cell) -> str:
     k = cell.keys
     return f"{k['dataset']}/{k['subject']} | {k['defense']} | {k['scenario']} | {k['attack']} | seed {k['seed']}"
@@ -247,9 +284,9 @@ def _provenance(cell: Cell, store: ArtifactStore, stages, profile: Profile) -> d
     wall, peak, weights, extra = 0.0, 0.0, {}, {}
     for key in cell.stages:
         st = stages[key]
-        if not store.is_done(st.kind, key):
+        if not (store.path(st.kind, key) / "done.json").is_file():
             continue
-        rec = store.record(st.kind, key)
+        rec = store.record(st.kind, key)  # kept after pruning
         wall += rec.get("wall_s", 0.0)
         peak = max(peak, rec.get("peak_rss_mb") or 0.0)
         if st.kind == "model":

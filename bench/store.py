@@ -41,7 +41,19 @@ class ArtifactStore:
         return self.root / kind / key[:24]
 
     def is_done(self, kind: str, key: str) -> bool:
-        return (self.path(kind, key) / "done.json").is_file()
+        """Finished and its artifact still complete (not pruned)."""
+        path = self.path(kind, key)
+        return (path / "done.json").is_file() and not (path / "pruned").exists()
+
+    def is_pruned(self, kind: str, key: str) -> bool:
+        return (self.path(kind, key) / "pruned").exists()
+
+    def prune(self, kind: str, key: str, big: str) -> None:
+        """Delete a finished stage's big artifact (e.g. full fine-tuned weights) once its consumers are done; the
+        record stays for provenance and the stage counts as missing if something needs it again."""
+        path = self.path(kind, key)
+        (path / "pruned").write_text("artifact deleted after its consumers finished\n")
+        shutil.rmtree(path / big, ignore_errors=True)
 
     def record(self, kind: str, key: str) -> dict:
         return json.loads((self.path(kind, key) / "done.json").read_text())
@@ -56,8 +68,14 @@ class ArtifactStore:
     def commit(self, kind: str, key: str, tmp: Path, record: dict) -> None:
         atomic_write_json(tmp / "done.json", record)
         final = self.path(kind, key)
-        if final.exists():  # finished elsewhere meanwhile (same content by construction)
+        if final.exists() and not (final / "pruned").exists():  # finished elsewhere meanwhile (same content)
             shutil.rmtree(tmp)
+            return
+        if final.exists():  # recomputing a pruned artifact: swap the complete folder in
+            trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
             return
         os.rename(tmp, final)
 
@@ -69,7 +87,7 @@ class ArtifactStore:
         if self.root.is_dir():
             for kind_dir in self.root.iterdir():
                 if kind_dir.is_dir():
-                    for tmp in kind_dir.glob(".tmp-*"):
+                    for tmp in [*kind_dir.glob(".tmp-*"), *kind_dir.glob(".trash-*")]:
                         shutil.rmtree(tmp, ignore_errors=True)
                         n += 1
         return n

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.cli import main
+from bench.cli import configure_threads, main, quiet_libraries
 from bench.runner import RunOptions, prepare
 
 
@@ -50,6 +50,8 @@ if __name__ == "__main__":
     ap.add_argument("--run", action="store_true")
     ap.add_argument("--out", default="/tmp/bench-sharing")
     a = ap.parse_args()
+    quiet_libraries()
+    configure_threads()
     plan_numbers(a.suite, a.profile)
     if a.run:
         timed_runs(a.suite, a.profile, Path(a.out))

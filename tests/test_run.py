@@ -160,3 +160,64 @@ def test_dry_run_prints_sharing(capsys):
     assert main(["run", "--suite", "robustness", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "unique stage executions" in out and "naive per-cell" in out
+
+
+def test_weights_are_pruned_and_recomputed_only_when_needed(out_dir, tmp_path):
+    suite = write_suite(tmp_path, MICRO)
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
+    attacks = list((out_dir / "cache" / "attack").iterdir())
+    assert attacks and all((a / "pruned").exists() and not (a / "trained").exists() for a in attacks)
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
+    assert summary(out_dir)["stages_run"] == 0
+    # a consumer disappears (e.g. generation settings changed): its pruned attack is recomputed, nothing else
+    import shutil
+
+    gen = next((out_dir / "cache" / "generate").iterdir())
+    shutil.rmtree(gen)
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
+    s = summary(out_dir)
+    assert s["stages_run"] == 2  # one attack + its generate; measures of that image set are still cached
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir), "--keep-weights"]) == 0
+
+
+def test_slurm_executor_through_submitit_debug_cluster(out_dir, tmp_path):
+    suite = write_suite(tmp_path, MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", "defenses: [none]"))
+    code = main(["run", "--suite", str(suite), "--out", str(out_dir), "--executor", "slurm",
+                 "--executor-opt", "cluster=debug", "--executor-opt", f"folder={tmp_path / 'logs'}"])
+    assert code == 0 and summary(out_dir)["cells_ok"] == 1
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir), "--executor", "slurm",
+                 "--executor-opt", "partitoin=gpu"]) == 2
+
+
+def test_entry_point_plugins_are_loaded(monkeypatch):
+    import importlib.metadata as md
+
+    from bench.plugins import TRANSFORMS
+
+    mod = type(sys)("thirdparty_transforms")
+    sys.modules["thirdparty_transforms"] = mod
+
+    def load():
+        from bench.plugins import Transform
+
+        @TRANSFORMS.register("thirdparty-invert")
+        class Invert(Transform):
+            def apply(self, image, rng):
+                return 255 - image
+
+    ep = md.EntryPoint(name="invert", value="thirdparty_transforms", group=TRANSFORMS.group)
+    monkeypatch.setattr(ep.__class__, "load", lambda self: load())
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [ep] if group == TRANSFORMS.group else [])
+    monkeypatch.setattr(TRANSFORMS, "_entry_points_loaded", False)
+    try:
+        assert "thirdparty-invert" in TRANSFORMS.names()
+    finally:
+        TRANSFORMS.unregister("thirdparty-invert")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "faces").is_dir(), reason="../shared/data/faces not present")
+def test_data_verify_cli(capsys, tmp_path):
+    assert main(["data", "verify", f"vggface2={SHARED_DATA / 'faces'}", f"dreambooth={SHARED_DATA / 'dreambooth'}"]) == 0
+    out = capsys.readouterr().out
+    assert "0 missing, 0 mismatched" in out
+    assert main(["data", "verify", f"dreambooth={tmp_path / 'nope'}"]) == 2
