@@ -38,6 +38,7 @@ class SlurmExecutor(Executor):
     never code (HARNESSES.md 5.4)."""
 
     Params = SlurmParams
+    parallel = True
     requires = Requirements(modules=("submitit",), extra="cluster")
 
     def run(self, tasks: list[str], run_one: Callable[[str], Any], on_result: Callable[[Any], None]) -> None:

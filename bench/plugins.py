@@ -159,6 +159,8 @@ class Scenario(Plugin):
 class Executor(Plugin):
     """Runs ready stages. Workers compute artifacts; only the driver writes the ledger."""
 
+    parallel: ClassVar[bool] = False  # True: receives whole waves of independent stages
+
     def run(self, tasks: list[str], run_one: Callable[[str], Any], on_result: Callable[[Any], None]) -> None:
         """Run independent stage keys; call ``on_result`` in this (the driver's) process for each result."""
         raise NotImplementedError

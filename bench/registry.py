@@ -222,6 +222,7 @@ class Registry(Generic[P]):
 
 _BUILTIN_MODULES = (
     "defenses.baselines",
+    "defenses.apdm",
     "attacks.transforms",
     "attacks.dreambooth",
     "metrics.imperceptibility",

@@ -2,6 +2,7 @@
 leaderboard and ``summary.json``. Only this process writes the ledger."""
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import importlib.metadata
@@ -54,6 +55,9 @@ def prepare(opts: RunOptions) -> Prepared:
     load_builtins()
     profile = get_profile(opts.profile)
     suite = load_suite(opts.suite, profile.name, opts.data)
+    if suite.models:  # a suite may fix models per profile (APDM fine-tunes SD1.5 in every row)
+        roles = {role: profile.models.get(ref, ref) for role, ref in suite.models.items()}
+        profile = dataclasses.replace(profile, models={**profile.models, **roles})
     subjects: dict[str, list] = {}
     for d in suite.datasets:
         root = Path(d.extra["root"]).expanduser() if d.extra.get("root") else None
@@ -188,22 +192,23 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
 
     run_one = StageCall(env)
 
-    depth = stage_depths(stages)
-    for level in sorted(set(depth[k] for k in todo)):
-        wave = []
-        for k in todo:
-            if depth[k] != level:
-                continue
+    consumers: dict[str, list[str]] = {k: [] for k in stages}
+    for k, st in stages.items():
+        for d in st.deps:
+            consumers[d].append(k)
+    for wave in _waves(todo, stages, executor.parallel):
+        ready = []
+        for k in wave:
             bad = [d for d in stages[k].deps if d in failed]
             if bad:
                 failed[k] = failed[bad[0]]  # inherit the first upstream reason
                 overall.update(1)
             else:
-                wave.append(k)
-        if wave:
-            executor.run(wave, run_one, on_result)
+                ready.append(k)
+        if ready:
+            executor.run(ready, run_one, on_result)
             if not opts.keep_weights:
-                _prune_consumed(stages, store)
+                _prune_consumed(ready, stages, consumers, store)
     inner.close()
     overall.close()
 
@@ -253,13 +258,20 @@ def needed_stages(stages, done: set[str], pruned: set[str]) -> list[str]:
     return [k for k in stages if k in need]
 
 
-def _prune_consumed(stages, store: ArtifactStore) -> None:
-    consumers: dict[str, list[str]] = {}
-    for k, st in stages.items():
-        for d in st.deps:
-            consumers.setdefault(d, []).append(k)
-    for k, st in stages.items():
-        if st.kind in PRUNABLE and store.is_done(st.kind, k) and consumers.get(k):
+def _waves(todo: list[str], stages, parallel: bool) -> list[list[str]]:
+    """Parallel executors get every stage of one DAG depth at once; a sequential one gets stages one by one in plan
+    order (cell by cell), so fine-tuned weights are pruned as soon as their images exist and never pile up."""
+    if not parallel:
+        return [[k] for k in todo]
+    depth = stage_depths(stages)
+    return [[k for k in todo if depth[k] == level] for level in sorted({depth[k] for k in todo})]
+
+
+def _prune_consumed(finished: list[str], stages, consumers: dict[str, list[str]], store: ArtifactStore) -> None:
+    """Delete the big artifact of each input of ``finished`` stages whose consumers are now all done."""
+    for k in {d for f in finished for d in stages[f].deps}:
+        st = stages[k]
+        if st.kind in PRUNABLE and store.is_done(st.kind, k):
             if all(store.is_done(stages[c].kind, c) for c in consumers[k]):
                 store.prune(st.kind, k, PRUNABLE[st.kind])
 

@@ -15,7 +15,7 @@ from bench.plugins import ATTACKS, DATASETS, DEFENSES, METRICS, SCENARIOS
 from bench.registry import ConfigError, Registry, build_params, did_you_mean, params_dict
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
-TOP_KEYS = {"name", "description", "datasets", "defenses", "scenarios", "attacks", "metrics", "seeds"}
+TOP_KEYS = {"name", "description", "datasets", "defenses", "scenarios", "attacks", "metrics", "seeds", "models"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Suite:
     attacks: tuple[Entry, ...]
     metrics: tuple[Entry, ...]
     seeds: tuple[int, ...]
+    models: dict[str, str]  # model-role overrides for the chosen profile (suite key `models: {paper: {default: sd15}}`)
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -78,9 +79,12 @@ def _entry(registry: Registry, raw: Any, where: str, profile: str, extra_keys: t
     raw = dict(raw)
     name = raw.pop("name")
     label = raw.pop("label", None)
+    by_profile = raw.pop("by_profile", {}) or {}
+    if not isinstance(by_profile, dict) or not all(isinstance(v, dict) for v in by_profile.values()):
+        raise ConfigError(f"{where}: by_profile must map a profile name to parameters, e.g. by_profile: {{paper: {{max_train_steps: 800}}}}")
     extra = {k: raw.pop(k) for k in extra_keys if k in raw}
     cls = registry.get(name, where)
-    params = build_params(cls, raw, profile, f"{where} ({name})")
+    params = build_params(cls, {**raw, **by_profile.get(profile, {})}, profile, f"{where} ({name})")
     reason = cls.unavailable_reason()
     if reason:
         raise ConfigError(f"{where}: {registry.kind} {name!r} is unavailable here: {reason}")
@@ -124,7 +128,11 @@ def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = N
     seeds = doc.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"{path}: 'seeds' must be a list of integers, got {seeds!r}")
+    models = doc.get("models", {}) or {}
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise ConfigError(f"{path}: 'models' maps a profile name to role overrides, e.g. models: {{paper: {{default: sd15}}}}")
     suite = Suite(
+        models={str(k): str(v) for k, v in models.get(profile, {}).items()},
         name=str(doc.get("name", path.stem)),
         path=path,
         description=str(doc.get("description", "")),
