@@ -223,6 +223,7 @@ class Registry(Generic[P]):
 _BUILTIN_MODULES = (
     "defenses.baselines",
     "defenses.apdm",
+    "defenses.anti_dreambooth",
     "attacks.transforms",
     "attacks.dreambooth",
     "metrics.imperceptibility",

@@ -117,6 +117,9 @@ class FSMGParams(_Common):
         super().validate()
         if min(self.rounds, self.pgd_steps, self.reference_steps, self.reference_batch_size) < 1:
             raise ValueError("rounds, pgd_steps, reference_steps and reference_batch_size must be >= 1")
+        if self.mixed_precision == "bf16-weights":
+            raise ValueError("mixed_precision 'bf16-weights' is aspl.py's mode; FSMG's reference model trains with "
+                             "fp32 weights (use 'bf16': autocast)")
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,9 @@ def _load_model(role: str, model_dir: Path, ctx: RunContext, p: _Common, subject
     if p.gradient_checkpointing:  # the VAE too: PGD back-propagates through its encoder to the pixels
         comps.unet.enable_gradient_checkpointing()
         comps.vae.enable_gradient_checkpointing()
-        if train_te:
-            comps.text_encoder.gradient_checkpointing_enable()
+        if train_te:  # transformers 5 renamed gradient_checkpointing_enable
+            te = comps.text_encoder
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
     comps.unet.train()  # as the reference; SD and the tiny models have no dropout, so train/eval give the same math
     comps.text_encoder.train(train_te)
     fmt = _fmt(p, subject)
@@ -557,7 +561,9 @@ class _AntiDreamBooth(Defense):
     needs_model: ClassVar[bool] = True
     targeted: ClassVar[bool] = False
     ensemble_kind: ClassVar[bool] = False
-    requires = Requirements(white_box=True, gpu_memory_gb=16.0)
+    # paper profile with the default options (fp32 weights + bf16 autocast), estimated by benchmarks/aspl_memory.py;
+    # 16 GB with gradient_checkpointing + pgd_batch_size 1 + use_8bit_adam (12.9 GB) or the LoRA surrogate (6.4 GB)
+    requires = Requirements(white_box=True, gpu_memory_gb=24.0)
     paper = PAPER
 
     def __init__(self, params: Any = None) -> None:
@@ -664,14 +670,11 @@ class _FSMGBase(_AntiDreamBooth):
         p = self.params
         start = time.perf_counter()
         engine = self._engine(ctx)
-        if engine.prec.weights_dtype != torch.float32:
-            raise ValueError(f"defense {self.name}: mixed_precision='bf16-weights' is an ASPL (aspl.py) mode; the "
-                             f"reference model trains in fp32 weights, use 'bf16'")
         clean_a = subject.load("A", ctx.resolution)
         roles = self._roles(ctx, model_dir)
-        offload = bool(getattr(p, "offload_idle_models", False))
+        mode = getattr(p, "ensemble", "images")
+        offload = bool(getattr(p, "offload_idle_models", False)) and len(roles) > 1 and mode == "images"
         self.models, refs = [], {}
-        offload = offload and len(roles) > 1 and getattr(p, "ensemble", "images") == "images"
         for role, folder in roles:
             class_images = self._class_images(ctx, folder, p.class_prompt.format(**_fmt(p, subject)))
             m = self._prepare(ctx, engine, role, folder, subject, [], ctx.device, class_images=class_images)
@@ -681,7 +684,6 @@ class _FSMGBase(_AntiDreamBooth):
             self.models.append(m)
         x0 = to_tensor(images).to(ctx.device)
         x = x0.clone()
-        mode = getattr(p, "ensemble", "images")
         for r in range(p.rounds):
             if len(self.models) == 1 or mode == "gradients":
                 x = engine.pgd(self.models, x, x0, p.pgd_steps)
@@ -699,7 +701,7 @@ class _FSMGBase(_AntiDreamBooth):
         self.trace = engine.trace
         self._record(ctx, engine, out, images, time.perf_counter() - start)
         ctx.extra.update({"reference_training": refs, "pgd_steps_total": p.rounds * p.pgd_steps,
-                          "ensemble": mode if self.ensemble_kind else None})
+                          "ensemble": mode if self.ensemble_kind else None, "offload_idle_models": offload})
         return out
 
 
@@ -723,6 +725,7 @@ class EnsembleFSMG(_FSMGBase):
 
     Params = EFSMGParams
     ensemble_kind = True
+    requires = Requirements(white_box=True, gpu_memory_gb=34.0)  # + 2 resident models (offload_idle_models: 24)
     profiles = {"tiny": {**_TINY_FSMG, **_ENSEMBLE_TINY, "rounds": 5, "pgd_steps": 4, "reference_steps": 20}}
 
 
@@ -820,6 +823,7 @@ class EnsembleASPL(_ASPLBase):
 
     Params = EASPLParams
     ensemble_kind = True
+    requires = Requirements(white_box=True, gpu_memory_gb=34.0)  # + 2 resident models (offload_idle_models: 24)
     profiles = {"tiny": {**_TINY_ASPL, **_ENSEMBLE_TINY, "rounds": 3}}
 
 
@@ -830,4 +834,5 @@ class ASPLLoRA(_ASPLBase):
 
     Params = ASPLLoRAParams
     paper = LORA_PAPER
+    requires = Requirements(white_box=True, gpu_memory_gb=17.0)  # 6.4 with gradient_checkpointing + pgd_batch_size 1
     profiles = {"tiny": {**_TINY, "rounds": 2, "learning_rate": 1e-3}}
