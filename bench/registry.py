@@ -224,6 +224,7 @@ _BUILTIN_MODULES = (
     "defenses.baselines",
     "defenses.apdm",
     "defenses.anti_dreambooth",
+    "defenses.single_model",
     "attacks.transforms",
     "attacks.dreambooth",
     "metrics.imperceptibility",

@@ -32,7 +32,9 @@ N_IMAGES = 4
 def build(config: str, out: Path) -> Path:
     """A random-weight diffusers folder for ``config`` (prepare_tiny with no pre-training steps)."""
     from bench import models
+    from bench.cli import configure_threads
 
+    configure_threads()
     fields, resolution = CONFIGS[config]
     variant = "a"
     if fields is not None:

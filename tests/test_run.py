@@ -221,3 +221,25 @@ def test_data_verify_cli(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "0 missing, 0 mismatched" in out
     assert main(["data", "verify", f"dreambooth={tmp_path / 'nope'}"]) == 2
+
+
+def test_every_registered_defense_runs_end_to_end(out_dir, tmp_path):
+    """The per-method smoke run: every built-in defense through protect -> attack -> generate -> measure on tiny."""
+    from bench.plugins import DEFENSES
+
+    body = MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", "defenses: all") \
+                .replace("metrics: [linf, psnr, brisque]", "metrics: [linf]")
+    suite = write_suite(tmp_path, body)
+    code = main(["run", "--suite", str(suite), "--out", str(out_dir)])
+    s = summary(out_dir)
+    assert code == 0, s["failures"]
+    names = [n for n, cls in DEFENSES.items() if not getattr(cls, "test_only", False)]
+    assert s["cells_ok"] == len(names) >= 10
+    df = pd.read_csv(out_dir / "leaderboards" / "micro.csv").set_index("defense")
+    for name in names:
+        budget = DEFENSES.create(name, profile="tiny").budget_255()
+        linf = df.loc[name, "linf/255/protected-vs-clean"]
+        if budget is None:  # harden: the published photos are untouched
+            assert linf == 0, name
+        else:
+            assert linf <= int(budget), (name, linf, budget)
