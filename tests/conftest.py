@@ -55,3 +55,14 @@ def out_dir(tmp_path, warm_models) -> Path:
     out = tmp_path / "out"
     shutil.copytree(warm_models, out / "cache" / "model")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_a(warm_models) -> Path:
+    """The tiny profile's `tiny:a` base model folder (built once by `warm_models`, with the profile's pre-training)."""
+    import json
+
+    for stage in warm_models.iterdir():
+        if json.loads((stage / "done.json").read_text())["params"]["ref"] == "tiny:a":
+            return stage / "model"
+    raise AssertionError("warm_models has no tiny:a")

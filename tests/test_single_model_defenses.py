@@ -14,7 +14,7 @@ import defenses.baselines  # noqa: F401  (registers random-noise)
 import defenses.single_model as sm
 from bench.datasets import render_synthetic
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
-from bench.models import load_components, prepare_tiny
+from bench.models import load_components
 from bench.plugins import DEFENSES, RunContext
 from bench.registry import ConfigError
 
@@ -23,11 +23,9 @@ METHODS = ("advdm", "mist", "photoguard", "sds")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """Tiny model "a" with the tiny profile's pre-training (built once for this file)."""
-    d = tmp_path_factory.mktemp("single_model") / "tiny_a"
-    prepare_tiny("a", d, {}, seed=0, resolution=RES)
-    return d
+def model_dir(tiny_model_a) -> Path:
+    """Tiny model "a" with the tiny profile's pre-training (shared with the end-to-end tests)."""
+    return tiny_model_a
 
 
 @pytest.fixture(scope="module")
