@@ -43,8 +43,9 @@ CONFIGS = {  # name -> (defense, params, loop options)
 # ----------------------------------------------------------------------------------------------- measured (CPU)
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import psutil  # installed with accelerate
+
+    return psutil.Process().memory_info().rss
 
 
 def _medium_model(folder: Path) -> None:

@@ -3,12 +3,13 @@
 Prints: cells, unique stage executions vs a naive per-cell run, and (with --run) the wall time of a first
 run, of a cached rerun, and their ratio.
 
-    python benchmarks/stage_sharing.py [--suite robustness] [--run] [--out /tmp/bench-sharing]
+    python benchmarks/stage_sharing.py [--suite robustness] [--run] [--out <tmp>/bench-sharing]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,7 +49,7 @@ if __name__ == "__main__":
     ap.add_argument("--suite", default="robustness")
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--run", action="store_true")
-    ap.add_argument("--out", default="/tmp/bench-sharing")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "bench-sharing"))
     a = ap.parse_args()
     quiet_libraries()
     configure_threads()

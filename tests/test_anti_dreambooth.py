@@ -244,7 +244,7 @@ def test_parameters_are_validated():
     with pytest.raises(ConfigError, match="bf16-weights"):
         make("fsmg", mixed_precision="bf16-weights")
     with pytest.raises(ConfigError, match="target_image"):
-        make("t-aspl", target_image="/nonexistent/target.jpg")
+        make("t-aspl", target_image=str(Path(__file__).parent / "no-such-target.jpg"))
     if not ad.importlib.util.find_spec("bitsandbytes"):
         with pytest.raises(ConfigError, match="bitsandbytes"):
             make("aspl", use_8bit_adam=True)
