@@ -66,3 +66,30 @@ def tiny_model_a(warm_models) -> Path:
         if json.loads((stage / "done.json").read_text())["params"]["ref"] == "tiny:a":
             return stage / "model"
     raise AssertionError("warm_models has no tiny:a")
+
+
+def held_out_loss(model_dir: Path, images: list, trained: Path | None = None,
+                  prompt: str = "a photo of sks toy") -> float:
+    """Denoising loss of ``images`` under ``prompt`` with fixed draws no training run uses (VAE sample, eps, t in
+    [200, 1000), 8 per image; low t is left out: there tiny models' loss is dominated by detail they cannot model).
+    ``trained``: a DreamBooth output folder whose unet/ (and text_encoder/, if present) replace the base ones."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from bench import models
+    from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
+
+    c = models.load_components(model_dir)
+    if trained is not None:
+        c.unet = UNet2DConditionModel.from_pretrained(trained / "unet", local_files_only=True, use_safetensors=True)
+        if (trained / "text_encoder").is_dir():
+            c.text_encoder = CLIPTextModel.from_pretrained(trained / "text_encoder", local_files_only=True,
+                                                           use_safetensors=True)
+    with torch.no_grad():
+        idx = torch.arange(len(images)).repeat(8)
+        latents = LatentCache(c.vae, to_tensor(images)).sample(idx, torch.Generator().manual_seed(101))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(102))
+        t = torch.randint(200, 1000, (len(idx),), generator=torch.Generator().manual_seed(103))
+        emb = encode_prompt(c.tokenizer, c.text_encoder, [prompt]).expand(len(idx), -1, -1)
+        return float(denoising_loss(c.unet, c.noise_scheduler, latents, emb, None, timesteps=t, noise=noise))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,11 @@ import defenses.apdm  # noqa: F401  (registers "apdm")
 from attacks.dreambooth import generate_class_images
 from bench import models
 from bench.datasets import SyntheticDataset, SyntheticParams, render_synthetic
-from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, DEFENSES, RunContext
 from bench.registry import ConfigError
 from defenses.apdm import APDM, dpo_loss, personalization_loss, protection_loss, quoted_prompt
 from tests.test_models import TEST_PRETRAIN, build_tiny
+from tests.conftest import held_out_loss
 
 INSTANCE = "a photo of sks toy"
 CLASS = "a photo of toy"
@@ -39,23 +38,6 @@ def subject():
 
 def make_ctx(tmp_path: Path, seed: int = 0) -> RunContext:
     return RunContext(seed=seed, device="cpu", profile="tiny", resolution=64, work_dir=tmp_path)
-
-
-def held_out_loss(model_dir: Path, images: list[np.ndarray], trained: Path | None = None) -> float:
-    """Instance-prompt denoising loss with fixed draws (VAE sample, eps, t in [200, 1000), 8 per image) that no
-    training run uses."""
-    c = models.load_components(model_dir)
-    if trained is not None:
-        from diffusers import UNet2DConditionModel
-
-        c.unet = UNet2DConditionModel.from_pretrained(trained / "unet", local_files_only=True, use_safetensors=True)
-    with torch.no_grad():
-        idx = torch.arange(len(images)).repeat(8)
-        latents = LatentCache(c.vae, to_tensor(images)).sample(idx, torch.Generator().manual_seed(101))
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(102))
-        t = torch.randint(200, 1000, (len(idx),), generator=torch.Generator().manual_seed(103))
-        emb = encode_prompt(c.tokenizer, c.text_encoder, [INSTANCE]).expand(len(idx), -1, -1)
-        return float(denoising_loss(c.unet, c.noise_scheduler, latents, emb, None, timesteps=t, noise=noise))
 
 
 # ----------------------------------------------------------------------------------------------- params, loss

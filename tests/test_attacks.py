@@ -11,10 +11,10 @@ import torch
 from attacks.dreambooth import DreamBooth, DreamBoothParams, LoraDreamBooth, generate_class_images
 from bench import models
 from bench.datasets import render_synthetic
-from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, RunContext
 from bench.registry import ConfigError
 from tests.test_models import TEST_PRETRAIN, build_tiny
+from tests.conftest import held_out_loss
 
 INSTANCE = "a photo of sks toy"
 CLASS = "a photo of a toy"
@@ -44,25 +44,6 @@ def class_images(tiny_a, tmp_path_factory) -> list[np.ndarray]:
 
 def tiny_attack(name: str, **over):
     return ATTACKS.create(name, over, profile="tiny")
-
-
-def held_out_loss(model_dir: Path, images: list[np.ndarray], trained: Path | None = None) -> float:
-    """Denoising loss of ``images`` under the instance prompt with fixed draws (VAE sample, eps, t in [200, 1000),
-    8 per image). Low t is left out: there the tiny models' loss is dominated by detail they cannot model."""
-    c = models.load_components(model_dir)
-    if trained is not None:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        c.unet = UNet2DConditionModel.from_pretrained(trained / "unet", local_files_only=True, use_safetensors=True)
-        c.text_encoder = CLIPTextModel.from_pretrained(trained / "text_encoder", local_files_only=True, use_safetensors=True)
-    with torch.no_grad():
-        idx = torch.arange(len(images)).repeat(8)
-        latents = LatentCache(c.vae, to_tensor(images)).sample(idx, torch.Generator().manual_seed(101))
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(102))
-        t = torch.randint(200, 1000, (len(idx),), generator=torch.Generator().manual_seed(103))
-        emb = encode_prompt(c.tokenizer, c.text_encoder, [INSTANCE]).expand(len(idx), -1, -1)
-        return float(denoising_loss(c.unet, c.noise_scheduler, latents, emb, None, timesteps=t, noise=noise))
 
 
 def test_params_defaults_and_profiles():
