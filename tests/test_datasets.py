@@ -142,11 +142,12 @@ def test_missing_root_and_file_root(tmp_path):
         VGGFace2().subjects(None)
 
 
-def test_empty_subject_folder_is_refused(tmp_path):
+def test_empty_subject_folder_fails_on_load_naming_it(tmp_path):
     root = _face_root(tmp_path / "faces")
     (root / "p3").mkdir()
-    with pytest.raises(DataError, match=r"p3: expected folders set_A, set_B, set_C"):
-        VGGFace2().subjects(root)
+    empty = [s for s in VGGFace2().subjects(root) if s.id == "p3"][0]  # listed: only its own cells fail
+    with pytest.raises(DataError, match=r"p3/set_B: split B of subject vggface2/p3 has no images \(folder does not exist\)"):
+        empty.load("B", 64)
 
 
 def test_empty_split_names_the_folder_on_load(tmp_path):
@@ -280,8 +281,9 @@ def test_dreambooth_subject_missing_from_class_table(tmp_path):
 def test_dreambooth_empty_subject_folder(tmp_path):
     root = _db_root(tmp_path / "db", {"toyA": 2})
     (root / "pup").mkdir()
-    with pytest.raises(DataError, match=r"pup: no images; expected the DreamBooth dataset layout"):
-        DreamBoothDataset().subjects(root)
+    pup = [s for s in DreamBoothDataset().subjects(root) if s.id == "pup"][0]
+    with pytest.raises(DataError, match=r"pup: split B of subject dreambooth/pup has no images"):
+        pup.load("B", 64)
 
 
 def test_dreambooth_loader_on_face_layout_fails_clearly(tmp_path):

@@ -97,6 +97,7 @@ def _faces_root(tmp_path: Path) -> Path:
             for i in range(2):
                 Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(d / f"{i:04d}.png")
     (root / "bad02" / "set_B" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    (root / "empty03").mkdir()
     return root
 
 
@@ -106,11 +107,11 @@ def test_bad_image_fails_only_its_subject(out_dir, tmp_path):
     code = main(["run", "--suite", str(suite), "--out", str(out_dir), "--data", f"vggface2={root}"])
     assert code == 1
     s = summary(out_dir)
-    assert s["cells_ok"] == 2 and s["cells_failed"] == 2
+    assert s["cells_ok"] == 2 and s["cells_failed"] == 4
     for cell, reason in s["failures"].items():
-        assert "bad02" in cell and "0001.png" in reason
+        assert ("bad02" in cell and "0001.png" in reason) or ("empty03" in cell and "empty03/set_B" in reason)
     df = pd.read_csv(out_dir / "leaderboards" / "micro.csv")
-    assert set(df["n"]) == {1} and set(df["n_failed"]) == {1}
+    assert set(df["n"]) == {1} and set(df["n_failed"]) == {2}
 
 
 def test_harden_and_watermark_paths(out_dir, tmp_path):
