@@ -6,7 +6,6 @@ command line (nothing ran).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

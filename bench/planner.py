@@ -14,12 +14,10 @@ stage whatever number of cells share it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bench.plugins import ScenarioSpec
 from bench.profiles import Profile
-from bench.registry import ConfigError, params_dict
 from bench.store import stable_hash
 from bench.suites import Entry, Suite
 

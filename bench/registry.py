@@ -13,7 +13,7 @@ import importlib.metadata
 import importlib.util
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 

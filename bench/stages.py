@@ -39,7 +39,8 @@ def subject_from_spec(spec: dict):
     return subject
 
 
-def _plugin(registry, spec: dict, profile: str):
+def _plugin(registry, spec: dict):
+    """Re-create a plug-in from a stage's spec (its parameters were fully resolved, profile included, at planning)."""
     cls = registry.get(spec["name"])
     return cls(build_params(cls, spec["params"], None, f"{registry.kind} {spec['name']}"))
 
@@ -106,7 +107,7 @@ def run_model(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
 def run_protect(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     p = stage.params
     subject = subject_from_spec(p["subject"])
-    defense = _plugin(DEFENSES, p["defense"], env.profile)
+    defense = _plugin(DEFENSES, p["defense"])
     clean = subject.load("B", p["resolution"])
     ctx.models = {role: model_dir_of(env.store, env.stages[k]) for role, k in zip(p["model_roles"], stage.deps)}
     model_dir = next(iter(ctx.models.values()), None)
@@ -163,7 +164,7 @@ def run_class_images(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
 
 def run_attack(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     p = stage.params
-    attack = _plugin(ATTACKS, p["attack"], env.profile)
+    attack = _plugin(ATTACKS, p["attack"])
     compose = env.dep(stage, "compose")
     images = load_images(env.store.path("compose", compose.key) / "images")
     class_images: list[Image] = []
@@ -177,7 +178,7 @@ def run_generate(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     from bench.models import generate, set_sampler
 
     p = stage.params
-    attack = _plugin(ATTACKS, p["attack"], env.profile)
+    attack = _plugin(ATTACKS, p["attack"])
     trained = env.store.path("attack", env.dep(stage, "attack").key) / "trained"
     pipe = set_sampler(attack.load_pipeline(env.model_input(stage), trained, ctx.device, env.allow_unsafe_weights),
                        p["sampler"])
@@ -192,7 +193,7 @@ def run_generate(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
 
 def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     p = stage.params
-    metric = _plugin(METRICS, p["metric"], env.profile)
+    metric = _plugin(METRICS, p["metric"])
     subject = subject_from_spec(p["subject"])
     protect = env.dep(stage, "protect")
     ppath = env.store.path("protect", protect.key)
