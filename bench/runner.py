@@ -192,10 +192,7 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
 
     run_one = StageCall(env)
 
-    consumers: dict[str, list[str]] = {k: [] for k in stages}
-    for k, st in stages.items():
-        for d in st.deps:
-            consumers[d].append(k)
+    consumers = consumers_of(stages)
     for wave in _waves(todo, stages, executor.parallel):
         ready = []
         for k in wave:
@@ -241,13 +238,19 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
 PRUNABLE = {"attack": "trained"}  # stage kind -> big artifact deleted once every consumer is done
 
 
-def needed_stages(stages, done: set[str], pruned: set[str]) -> list[str]:
-    """Stages to run, in topological order: not done, and (unless only a pruned leftover) needed by a consumer
-    that is itself to run. A pruned stage whose consumers are all done stays pruned."""
+def consumers_of(stages) -> dict[str, list[str]]:
+    """Stage key -> keys of the stages that read its output."""
     consumers: dict[str, list[str]] = {k: [] for k in stages}
     for k, st in stages.items():
         for d in st.deps:
             consumers[d].append(k)
+    return consumers
+
+
+def needed_stages(stages, done: set[str], pruned: set[str]) -> list[str]:
+    """Stages to run, in topological order: not done, and (unless only a pruned leftover) needed by a consumer
+    that is itself to run. A pruned stage whose consumers are all done stays pruned."""
+    consumers = consumers_of(stages)
     need: set[str] = set()
     for k in reversed(list(stages)):
         if k in done:

@@ -638,6 +638,15 @@ class _AntiDreamBooth(Defense):
         return _Engine(self.params, ctx, _precision(self.params.mixed_precision, ctx.device), self.loop_options,
                        self.targeted)
 
+    def _setup(self, ctx: RunContext, subject, model_dir: Path | None):
+        """What every variant needs first: the engine, clean set_A, the (role, folder) surrogates, the ensemble mode
+        and whether idle ensemble members are offloaded to the CPU."""
+        p = self.params
+        roles = self._roles(ctx, model_dir)
+        mode = getattr(p, "ensemble", "images")
+        offload = bool(getattr(p, "offload_idle_models", False)) and len(roles) > 1 and mode == "images"
+        return self._engine(ctx), subject.load("A", ctx.resolution), roles, mode, offload
+
 
 class _FSMGBase(_AntiDreamBooth):
     """FSMG / T-FSMG / E-FSMG (METHODS.md 1.3, 1.5): DreamBooth reference model(s) trained on clean set_A with the
@@ -669,11 +678,7 @@ class _FSMGBase(_AntiDreamBooth):
     def protect(self, ctx: RunContext, images: list[Image], subject, model_dir: Path | None) -> list[Image]:
         p = self.params
         start = time.perf_counter()
-        engine = self._engine(ctx)
-        clean_a = subject.load("A", ctx.resolution)
-        roles = self._roles(ctx, model_dir)
-        mode = getattr(p, "ensemble", "images")
-        offload = bool(getattr(p, "offload_idle_models", False)) and len(roles) > 1 and mode == "images"
+        engine, clean_a, roles, mode, offload = self._setup(ctx, subject, model_dir)
         self.models, refs = [], {}
         for role, folder in roles:
             class_images = self._class_images(ctx, folder, p.class_prompt.format(**_fmt(p, subject)))
@@ -738,11 +743,7 @@ class _ASPLBase(_AntiDreamBooth):
     def protect(self, ctx: RunContext, images: list[Image], subject, model_dir: Path | None) -> list[Image]:
         p = self.params
         start = time.perf_counter()
-        engine = self._engine(ctx)
-        clean_a = subject.load("A", ctx.resolution)
-        roles = self._roles(ctx, model_dir)
-        mode = getattr(p, "ensemble", "images")
-        offload = bool(getattr(p, "offload_idle_models", False)) and len(roles) > 1 and mode == "images"
+        engine, clean_a, roles, mode, offload = self._setup(ctx, subject, model_dir)
         self.models = []
         for role, folder in roles:
             m = self._prepare(ctx, engine, role, folder, subject, clean_a, ctx.device, lora=p.lora_surrogate)
