@@ -1,4 +1,4 @@
-"""``bench``: run suites, list plug-ins, validate suites, print leaderboards, verify data.
+"""``bench``: run suites, list plug-ins, validate suites, print leaderboards, verify data, fetch metric weights.
 
 Exit status: 0 all cells ok; 1 some cells failed (the rest finished and were saved); 2 invalid suite or
 command line (nothing ran).
@@ -81,7 +81,8 @@ def cmd_list(a: argparse.Namespace) -> int:
             extra = ""
             if kind == "metrics":
                 try:
-                    extra = f" -> {cls().protocol_id()}; {'higher' if cls.higher_is_better else 'lower'} is better for the defender; {cls.description}"
+                    extra = (f" -> {cls().protocol_id()}; {'higher' if cls.higher_is_better else 'lower'} is better "
+                             f"for the defender; {cls.description}" + (f" [{cls.paper}]" if cls.paper else ""))
                 except Exception as e:  # a metric whose defaults cannot build its id
                     extra = f" ({e})"
             elif kind == "defenses":
@@ -150,6 +151,35 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_weights(a: argparse.Namespace) -> int:
+    from bench import weights
+
+    load_builtins()  # plug-in modules register the weights they need
+    if a.weights_cmd == "list":
+        print(f"weights root: {weights.weights_root()} (BENCH_WEIGHTS_DIR)")
+        for name, w in sorted(weights.WEIGHTS.items()):
+            reason = w.missing()
+            where = w.hf_repo if w.kind == "hf" else str(w.folder())
+            print(f"  {name} [{'present' if reason is None else 'missing'}] {w.kind}: {where}")
+            print(f"      {w.what}; used by {w.used_by}" + (f"; license: {w.license}" if w.license else ""))
+        return 0
+    names = sorted(weights.WEIGHTS) if a.all else a.names
+    if not names:
+        raise ConfigError("bench weights fetch: name the weights (see `bench weights list`) or pass --all")
+    failed = 0
+    for name in names:
+        try:
+            w = weights.get(name)
+        except KeyError as e:
+            raise ConfigError(str(e).strip('"')) from None
+        try:
+            print(f"{name}: {w.fetch()}")
+        except Exception as e:  # no internet, moved URL: say which one and go on with the rest
+            print(f"{name}: fetch failed: {type(e).__name__}: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench", description="Anti-personalization benchmark harness")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -191,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     dv = dsub.add_parser("verify", help="check dataset folders against data_manifests/")
     dv.add_argument("data", nargs="+", metavar="NAME=PATH")
     dv.set_defaults(fn=cmd_data)
+
+    w = sub.add_parser("weights", help="pretrained weights that metrics need: list them, fetch them (needs internet)")
+    wsub = w.add_subparsers(dest="weights_cmd", required=True)
+    wl = wsub.add_parser("list", help="every known weights entry, present or missing, and where it is looked for")
+    wl.set_defaults(fn=cmd_weights)
+    wf = wsub.add_parser("fetch", help="download (and convert to safetensors) on a machine with internet access")
+    wf.add_argument("names", nargs="*", metavar="NAME")
+    wf.add_argument("--all", action="store_true", help="fetch every known entry")
+    wf.set_defaults(fn=cmd_weights)
     return ap
 
 

@@ -7,7 +7,9 @@ Stage kinds, in data-flow order:
   class_images prior-preservation images, per base model + class prompt
   attack       fine-tuning -> personalised weights
   generate     personalised model + evaluation prompts -> images
-  measure      one metric on generated (or protected) images
+  sample       the attacker's base model (hardened or not), not personalised + a metric's prompt list -> images
+               (model utility: FID, CLIP score)
+  measure      one metric on generated, sampled or protected images
 A key hashes the stage kind, its version, its parameters and the keys of its inputs, so equal work is one
 stage whatever number of cells share it.
 """
@@ -16,13 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.plugins import ScenarioSpec
+from bench.plugins import DEFENSES, ScenarioSpec
 from bench.profiles import Profile
 from bench.store import stable_hash
 from bench.suites import Entry, Suite
 
 # Bump a kind's version when its runner's output changes.
-STAGE_VERSIONS = {"model": 1, "protect": 1, "compose": 1, "class_images": 1, "attack": 1, "generate": 1, "measure": 1}
+STAGE_VERSIONS = {"model": 1, "protect": 1, "compose": 1, "class_images": 1, "attack": 1, "generate": 1, "sample": 1,
+                  "measure": 1}
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,46 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
             params.update(pretrain=profile.tiny_pretrain, resolution=profile.resolution)
         return b.add("model", params, (), f"model {ref}")
 
+    def protect_stage(dspec: dict, dkind: str, roles: tuple[str, ...], subj: dict, seed: int, label: str) -> tuple[str, tuple[str, ...]]:
+        deps = tuple(model_stage(r) for r in roles)
+        key = b.add("protect", {"defense": dspec, "kind": dkind, "subject": subj, "model_roles": list(roles),
+                                "seed": seed, "resolution": profile.resolution}, deps, f"protect {label}")
+        return key, deps
+
+    def attack_chain(protect: str, dkind: str, spec: ScenarioSpec, attack: Entry, subject, subj: dict, seed: int,
+                     label: str) -> dict[str, Any]:
+        """compose -> (class images) -> attack -> generate for one protected set, scenario and attack."""
+        compose = b.add("compose", {"scenario": _scenario_dict(spec), "subject": subj, "seed": seed,
+                                    "resolution": profile.resolution}, (protect,), f"compose {label}")
+        role = "mismatch" if spec.attacker_model == "mismatch" else "default"
+        # A harden defense's output model is the attacker's base model when the attacker uses the model the
+        # defense hardened (not under model mismatch).
+        attacker_model = protect if (dkind == "harden" and role == "default") else model_stage(role)
+        identifier = profile.mismatch_identifier if spec.identifier == "<mismatch>" else (spec.identifier or profile.identifier)
+        template = profile.mismatch_prompt if spec.instance_prompt == "<mismatch>" else (spec.instance_prompt or profile.instance_prompt)
+        instance_prompt = _fill(template, identifier, subject.class_noun)
+        class_prompt = _fill(profile.class_prompt, identifier, subject.class_noun)
+        gen = profile.generation
+        use_subject = gen.use_subject_prompts and subject.eval_prompts
+        eval_prompts = [_fill(t, identifier, subject.class_noun) for t in (subject.eval_prompts if use_subject else gen.prompts)]
+        n_class = attack.create().class_images_needed()
+        attack_deps = [attacker_model, compose]
+        if n_class:
+            attack_deps.append(b.add("class_images", {
+                "prompt": class_prompt, "n": n_class, "sampler": profile.class_sampler, "steps": profile.class_steps,
+                "guidance": gen.guidance, "seed": seed, "resolution": profile.resolution}, (attacker_model,),
+                f"class images {class_prompt!r}"))
+        trained = b.add("attack", {"attack": plugin_spec(attack), "instance_prompt": instance_prompt,
+                                   "class_prompt": class_prompt, "seed": seed, "resolution": profile.resolution},
+                        tuple(attack_deps), f"attack {attack.label} <- {label}")
+        generated = b.add("generate", {"prompts": eval_prompts, "sampler": gen.sampler, "steps": gen.steps,
+                                       "guidance": gen.guidance, "n_per_prompt": gen.n_per_prompt, "seed": seed,
+                                       "resolution": profile.resolution, "attack": plugin_spec(attack)},
+                          (attacker_model, trained), f"generate {attack.label} {label}")
+        return {"stages": {compose, trained, generated, *attack_deps}, "generated": generated,
+                "attacker_model": attacker_model, "instance_prompt": instance_prompt, "eval_prompts": eval_prompts}
+
+    baseline_spec = {"name": "none", "version": DEFENSES.get("none").version, "params": {}}
     for dataset in suite.datasets:
         for subject in subjects.get(dataset.label, []):
             subj = _subject_spec(dataset, subject)
@@ -109,72 +152,56 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                     dcls = defense.plugin_cls
                     dspec = plugin_spec(defense)
                     roles = defense.create().model_roles()
-                    protect_deps = tuple(model_stage(r) for r in roles)
-                    protect = b.add("protect", {"defense": dspec, "kind": dcls.defense_kind, "subject": subj,
-                                                "model_roles": list(roles),
-                                                "seed": seed, "resolution": profile.resolution},
-                                    protect_deps, f"protect {defense.label} {subject.key()}")
+                    protect, protect_deps = protect_stage(dspec, dcls.defense_kind, roles, subj, seed,
+                                                          f"{defense.label} {subject.key()}")
                     for scenario in suite.scenarios:
                         spec: ScenarioSpec = scenario.create().spec()  # a leak larger than set_B fails that cell
-                        compose = b.add("compose", {"scenario": spec.__dict__ | {"transforms": [list(t) for t in spec.transforms]},
-                                                    "subject": subj, "seed": seed, "resolution": profile.resolution},
-                                        (protect,), f"compose {scenario.label} {defense.label} {subject.key()}")
-                        role = "mismatch" if spec.attacker_model == "mismatch" else "default"
-                        base = model_stage(role)
-                        # A harden defense's output model is the attacker's base model when the attacker uses
-                        # the model the defense hardened (not under model mismatch).
-                        attacker_model = protect if (dcls.defense_kind == "harden" and role == "default") else base
-                        mismatch_prompt = spec.instance_prompt == "<mismatch>"
-                        identifier = profile.mismatch_identifier if spec.identifier == "<mismatch>" else (spec.identifier or profile.identifier)
-                        template = profile.mismatch_prompt if mismatch_prompt else (spec.instance_prompt or profile.instance_prompt)
-                        instance_prompt = _fill(template, identifier, subject.class_noun)
-                        class_prompt = _fill(profile.class_prompt, identifier, subject.class_noun)
-                        if profile.generation.use_subject_prompts and subject.eval_prompts:
-                            templates = subject.eval_prompts
-                        else:
-                            templates = profile.generation.prompts
-                        eval_prompts = [_fill(t, identifier, subject.class_noun) for t in templates]
-                        gen = profile.generation
+                        label = f"{scenario.label} {defense.label} {subject.key()}"
                         for attack in suite.attacks:
-                            acls_inst = attack.create()
-                            n_class = acls_inst.class_images_needed()
-                            attack_deps = [attacker_model, compose]
-                            if n_class:
-                                attack_deps.append(b.add("class_images", {
-                                    "prompt": class_prompt, "n": n_class, "sampler": profile.class_sampler,
-                                    "steps": profile.class_steps, "guidance": gen.guidance, "seed": seed,
-                                    "resolution": profile.resolution}, (attacker_model,), f"class images {class_prompt!r}"))
-                            trained = b.add("attack", {"attack": plugin_spec(attack), "instance_prompt": instance_prompt,
-                                                       "class_prompt": class_prompt, "seed": seed,
-                                                       "resolution": profile.resolution},
-                                            tuple(attack_deps), f"attack {attack.label} <- {scenario.label} {defense.label} {subject.key()}")
-                            generated = b.add("generate", {"prompts": eval_prompts, "sampler": gen.sampler, "steps": gen.steps,
-                                                           "guidance": gen.guidance, "n_per_prompt": gen.n_per_prompt,
-                                                           "seed": seed, "resolution": profile.resolution,
-                                                           "attack": plugin_spec(attack)},
-                                              (attacker_model, trained), f"generate {attack.label} {scenario.label} {defense.label} {subject.key()}")
-                            cell_stages = {protect, compose, trained, generated, *attack_deps, *protect_deps}
+                            chain = attack_chain(protect, dcls.defense_kind, spec, attack, subject, subj, seed, label)
+                            attacker_model, generated = chain["attacker_model"], chain["generated"]
+                            cell_stages = {protect, *protect_deps, *chain["stages"]}
                             measures: dict[str, str] = {}
                             for metric in suite.metrics:
                                 m = metric.create()
                                 pid = m.protocol_id()
-                                target = protect if m.target == "protected" else generated
+                                deps: tuple[str, ...]
+                                if m.target == "model":
+                                    sample = b.add("sample", {**m.sampling(), "seed": seed, "resolution": profile.resolution},
+                                                   (attacker_model,), f"sample {pid}")
+                                    deps = (sample, protect)
+                                elif m.target == "protected":
+                                    deps = (protect,)
+                                else:
+                                    deps = (generated, protect)
+                                if m.needs_baseline and dcls.defense_kind == "watermark":
+                                    # the same attack on the undefended images: the negatives of a detection metric
+                                    base_protect, _ = protect_stage(baseline_spec, "perturb", (), subj, seed,
+                                                                    f"none {subject.key()}")
+                                    base = attack_chain(base_protect, "perturb", spec, attack, subject, subj, seed,
+                                                        f"{scenario.label} none {subject.key()}")
+                                    cell_stages |= {base_protect, *base["stages"]}
+                                    deps = deps + (base["generated"],)
                                 mkey = b.add("measure", {"metric": plugin_spec(metric), "protocol": pid, "subject": subj,
                                                          "resolution": profile.resolution, "target": m.target,
                                                          "defense_kind": dcls.defense_kind, "defense": defense.name},
-                                             tuple(dict.fromkeys((target, protect))), f"measure {pid}")
+                                             deps, f"measure {pid}")
                                 measures[pid] = mkey
-                                cell_stages.add(mkey)
+                                cell_stages |= set(deps) | {mkey}
                             keys = {"dataset": dataset.label, "subject": subject.id, "defense": defense.label,
                                     "scenario": scenario.label, "attack": attack.label, "seed": seed}
-                            config = {"keys": keys, "defense": dspec, "scenario": spec.__dict__ | {"transforms": [list(t) for t in spec.transforms]},
+                            config = {"keys": keys, "defense": dspec, "scenario": _scenario_dict(spec),
                                       "attack": plugin_spec(attack), "profile": profile.name,
-                                      "subject_fingerprint": subj["fingerprint"], "instance_prompt": instance_prompt,
-                                      "eval_prompts": eval_prompts, "metrics": sorted(measures)}
+                                      "subject_fingerprint": subj["fingerprint"], "instance_prompt": chain["instance_prompt"],
+                                      "eval_prompts": chain["eval_prompts"], "metrics": sorted(measures)}
                             cells.append(Cell(keys, config, sorted(cell_stages), measures,
                                               {"defense": protect_deps[0] if protect_deps else "", "attacker": attacker_model}))
     ordered = _topological(b.stages)
     return Plan(ordered, cells)
+
+
+def _scenario_dict(spec: ScenarioSpec) -> dict:
+    return spec.__dict__ | {"transforms": [list(t) for t in spec.transforms]}
 
 
 def _topological(stages: dict[str, Stage]) -> dict[str, Stage]:

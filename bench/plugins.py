@@ -110,14 +110,22 @@ class MetricInputs:
     detector_dir: Path | None = None  # watermark defenses only
     defense: str = ""
     generated_names: list[str] = field(default_factory=list)
+    baseline_generated: list[Image] = field(default_factory=list)  # needs_baseline metrics of watermark defenses
 
 
 class Metric(Plugin):
-    """A number computed under a fixed protocol (``protocol_id`` is the leaderboard column)."""
+    """A number computed under a fixed protocol (``protocol_id`` is the leaderboard column).
 
-    target: ClassVar[Literal["protected", "generated"]] = "generated"
+    ``target``: "generated" (the personalised model's images), "protected" (set_B after the defense, with the clean
+    originals) or "model" (utility of the attacker's base model itself, hardened or not: ``sampling()`` says what
+    to generate from it, and ``MetricInputs.generated``/``prompts`` hold those images)."""
+
+    target: ClassVar[Literal["protected", "generated", "model"]] = "generated"
     higher_is_better: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    # watermark defenses: also give the metric the same attack's images from the undefended training set
+    # (``MetricInputs.baseline_generated``, the negatives of a detection metric)
+    needs_baseline: ClassVar[bool] = False
 
     def protocol_id(self) -> str:
         raise NotImplementedError
@@ -127,6 +135,11 @@ class Metric(Plugin):
         return True
 
     def compute(self, inputs: MetricInputs) -> float:
+        raise NotImplementedError
+
+    def sampling(self) -> dict:
+        """target "model" only: {"prompts": [...], "sampler", "steps", "guidance", "n_per_prompt"} (hashed into the
+        ``sample`` stage's key, so metrics that ask for the same images share one stage)."""
         raise NotImplementedError
 
 

@@ -28,7 +28,7 @@ class Requirements:
 
     modules: tuple[str, ...] = ()  # importable module names
     extra: str = ""  # pip extra that provides them
-    weights: tuple[str, ...] = ()  # local files that must exist (checked lazily by the plug-in)
+    weights: tuple[str, ...] = ()  # names in bench.weights.WEIGHTS (or Hugging Face ids) needed at run time
     white_box: bool = False  # needs gradients through the surrogate model
     gpu_memory_gb: float = 0.0  # paper-profile estimate, informative
 
@@ -54,17 +54,36 @@ class Plugin:
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """None when usable here, else why not (missing module or weights)."""
-        missing = [m for m in cls.requires.modules if importlib.util.find_spec(m) is None]
+        """None when usable here with default parameters, else why not (missing module or weights)."""
+        missing = cls.missing_modules()
         if missing:
-            extra = f" (pip install 'antipersonalization-bench[{cls.requires.extra}]')" if cls.requires.extra else ""
-            return f"missing Python module(s) {', '.join(missing)}{extra}"
-        return cls.missing_weights()
+            return missing
+        try:
+            return cls().missing_weights()
+        except Exception as e:  # defaults that cannot be built say so rather than crash `bench list`
+            return f"cannot check weights ({e})"
 
     @classmethod
-    def missing_weights(cls) -> str | None:
-        absent = [w for w in cls.requires.weights if not Path(w).expanduser().exists()]
-        return f"missing weights: {', '.join(absent)}" if absent else None
+    def missing_modules(cls) -> str | None:
+        missing = [m for m in cls.requires.modules if importlib.util.find_spec(m) is None]
+        if not missing:
+            return None
+        extra = f" (pip install 'antipersonalization-bench[{cls.requires.extra}]')" if cls.requires.extra else ""
+        return f"missing Python module(s) {', '.join(missing)}{extra}"
+
+    def weight_names(self) -> tuple[str, ...]:
+        """Weights this instance needs (names in ``bench.weights.WEIGHTS`` or Hugging Face ids); may depend on params."""
+        return tuple(self.requires.weights)
+
+    def missing_weights(self) -> str | None:
+        """None when every weight file this instance needs is here, else the first missing one's message."""
+        from bench import weights
+
+        for name in self.weight_names():
+            reason = weights.get(name).missing()
+            if reason:
+                return reason
+        return None
 
 
 P = TypeVar("P", bound=Plugin)
@@ -230,6 +249,8 @@ _BUILTIN_MODULES = (
     "metrics.imperceptibility",
     "metrics.quality",
     "metrics.faces",
+    "metrics.fidelity",
+    "metrics.utility",
     "metrics.watermark",
     "bench.datasets",
     "bench.scenarios",

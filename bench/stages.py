@@ -183,12 +183,23 @@ def run_generate(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     pipe = set_sampler(attack.load_pipeline(env.model_input(stage), trained, ctx.device, env.allow_unsafe_weights),
                        p["sampler"])
     out = generate(pipe, p["prompts"], p["n_per_prompt"], p["steps"], p["guidance"], p["seed"], p["resolution"])
-    names, prompts = [], []
-    for i, (prompt, img) in enumerate(out):
-        names.append(f"{i:04d}.png")
-        prompts.append(prompt)
-    save_images([img for _, img in out], ctx.work_dir / "images", names)
-    (ctx.work_dir / "prompts.json").write_text(json.dumps(dict(zip(names, prompts))))
+    _save_generated(out, ctx.work_dir)
+
+
+def run_sample(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    """Images of the (unpersonalised) model a metric of target "model" measures."""
+    from bench.models import generate, load_pipeline
+
+    p = stage.params
+    pipe = load_pipeline(env.model_input(stage), ctx.device, p["sampler"], env.allow_unsafe_weights)
+    out = generate(pipe, p["prompts"], p["n_per_prompt"], p["steps"], p["guidance"], p["seed"], p["resolution"])
+    _save_generated(out, ctx.work_dir)
+
+
+def _save_generated(out: list[tuple[str, Image]], folder: Path) -> None:
+    names = [f"{i:04d}.png" for i in range(len(out))]
+    save_images([img for _, img in out], folder / "images", names)
+    (folder / "prompts.json").write_text(json.dumps(dict(zip(names, [p for p, _ in out]))))
 
 
 def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
@@ -204,18 +215,22 @@ def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
         inputs.protected = load_images(ppath / "images")
         inputs.clean = subject.load("B", p["resolution"])
     else:
-        gpath = env.store.path("generate", env.dep(stage, "generate").key)
+        source = "sample" if p["target"] == "model" else "generate"
+        gpath = env.store.path(source, env.dep(stage, source).key)
         prompts = json.loads((gpath / "prompts.json").read_text())
         inputs.generated_names = sorted(prompts)
         inputs.generated = [load_png(gpath / "images" / n) for n in inputs.generated_names]
         inputs.prompts = [prompts[n] for n in inputs.generated_names]
+        baseline = [k for k in stage.deps if env.stages[k].kind == "generate"][1:]
+        if baseline:  # a needs_baseline metric of a watermark defense: the undefended run's images
+            inputs.baseline_generated = load_images(env.store.path("generate", baseline[0]) / "images")
     value = float(metric.compute(inputs)) if metric.applies_to(subject) else math.nan
     (ctx.work_dir / "value.json").write_text(json.dumps({"protocol": p["protocol"], "value": value}))
 
 
 RUNNERS: dict[str, Callable[[Stage, StageEnv, RunContext], None]] = {
     "model": run_model, "protect": run_protect, "compose": run_compose, "class_images": run_class_images,
-    "attack": run_attack, "generate": run_generate, "measure": run_measure,
+    "attack": run_attack, "generate": run_generate, "sample": run_sample, "measure": run_measure,
 }
 
 

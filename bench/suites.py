@@ -85,7 +85,7 @@ def _entry(registry: Registry, raw: Any, where: str, profile: str, extra_keys: t
     extra = {k: raw.pop(k) for k in extra_keys if k in raw}
     cls = registry.get(name, where)
     params = build_params(cls, {**raw, **by_profile.get(profile, {})}, profile, f"{where} ({name})")
-    reason = cls.unavailable_reason()
+    reason = cls.missing_modules() or cls(params).missing_weights()
     if reason:
         raise ConfigError(f"{where}: {registry.kind} {name!r} is unavailable here: {reason}")
     return Entry(registry.kind, name, str(label or _label(name, raw)), params, cls, extra)

@@ -116,7 +116,8 @@ def test_bad_image_fails_only_its_subject(out_dir, tmp_path):
 
 def test_harden_and_watermark_paths(out_dir, tmp_path):
     body = MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", "defenses: [none, test-harden, test-watermark]") \
-                .replace("metrics: [linf, psnr, brisque]", "metrics: [linf, watermark-detect-rate]")
+                .replace("metrics: [linf, psnr, brisque]",
+                         "metrics: [linf, watermark-detect-rate, watermark-auc, watermark-accuracy, watermark-tpr@fpr]")
     suite = write_suite(tmp_path, body)
     assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
     from bench.runner import RunOptions, prepare
@@ -132,7 +133,8 @@ def test_harden_and_watermark_paths(out_dir, tmp_path):
     none_attack = [plan.stages[k] for k in by_def["none"].stages if plan.stages[k].kind == "attack"][0]
     cls_n = [plan.stages[k] for k in none_attack.deps if plan.stages[k].kind == "class_images"][0]
     assert cls_h.key != cls_n.key  # class images come from the hardened model
-    wm_protect = [k for k in by_def["test-watermark"].stages if plan.stages[k].kind == "protect"][0]
+    wm_protect = [k for k in by_def["test-watermark"].stages if plan.stages[k].kind == "protect"
+                  and plan.stages[k].params["defense"]["name"] == "test-watermark"][0]
     wdir = out_dir / "cache" / "protect" / wm_protect[:24]
     from bench.plugins import DEFENSES
 
@@ -145,6 +147,15 @@ def test_harden_and_watermark_paths(out_dir, tmp_path):
     df = pd.read_csv(out_dir / "leaderboards" / "micro.csv").set_index("defense")
     col = "wm-detect/own-detector/threshold=0.5"
     assert np.isnan(df.loc["none", col]) and not np.isnan(df.loc["test-watermark", col])
+    # two-class detection metrics: negatives are the undefended run of the same attack, shared with the none cell
+    wm_measure = plan.stages[by_def["test-watermark"].measures["wm-auc/own-detector/neg=undefended-run"]]
+    gens = [k for k in wm_measure.deps if plan.stages[k].kind == "generate"]
+    none_gen = [k for k in by_def["none"].stages if plan.stages[k].kind == "generate"]
+    assert len(gens) == 2 and gens[1] == none_gen[0] and gens[0] != gens[1]
+    assert sum(st.kind == "generate" for st in plan.stages.values()) == 3  # no extra run for the negatives
+    for c in ("wm-auc/own-detector/neg=undefended-run", "wm-accuracy/own-detector/threshold=0.5/neg=undefended-run",
+              "wm-tpr@fpr=0.01/own-detector/neg=undefended-run"):
+        assert np.isnan(df.loc["none", c]) and 0.0 <= df.loc["test-watermark", c] <= 1.0, c
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "faces").is_dir(), reason="../shared/data/faces not present")

@@ -1,0 +1,1 @@
+"""Subject and prompt fidelity of generated images (DINO, CLIP-I, CLIP-T)."""
