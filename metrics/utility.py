@@ -78,17 +78,28 @@ def load_prompts(prompts_file: str, num_prompts: int) -> list[str]:
     return prompts[:num_prompts] if num_prompts else prompts
 
 
-def _short_name(ref: str) -> str:
-    """A protocol-id token for a file or folder: its name plus a short hash of the full path (no absolute path in ids)."""
+def _short_name(ref: str, label: str = "") -> str:
+    """A protocol-id token for a prompt file or reference set: ``label`` when given (e.g. "coco-val2014-5k", so that
+    a paper's reference table can name the column), else the name plus a short hash of the content (a file's bytes;
+    a folder's file names and sizes), never an absolute path."""
+    if label:
+        return label
     if not ref:
         return "generic-10"
     path = Path(ref).expanduser()
-    return f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:6]}"
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            h.update(f"{f.name}:{f.stat().st_size};".encode())
+    elif path.is_file():
+        h.update(path.read_bytes())
+    return f"{path.stem}-{h.hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     prompts_file: str = ""
+    prompts_label: str = ""  # protocol-id name of the prompt list (default: file name + content hash)
     num_prompts: int = 0  # 0 = every prompt of the file (APDM: 5000 COCO captions)
     sampler: str = "pndm"  # APDM evaluate.py: PNDM, 20 steps, CFG 7.5
     steps: int = 20
@@ -111,7 +122,7 @@ class _UtilityMetric(Metric):
     def _sampling_id(self) -> str:
         p = self.params
         n = len(load_prompts(p.prompts_file, p.num_prompts))
-        return f"prompts={_short_name(p.prompts_file)}:{n}/{p.sampler}{p.steps}-cfg{p.guidance:g}"
+        return f"prompts={_short_name(p.prompts_file, p.prompts_label)}:{n}/{p.sampler}{p.steps}-cfg{p.guidance:g}"
 
 
 # ---------------------------------------------------------------- FID (pytorch-fid)
@@ -201,6 +212,7 @@ def frechet_distance(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarra
 @dataclass(frozen=True)
 class FidParams(SamplingParams):
     reference: str = ""  # folder of reference images or pytorch-fid .npz (mu, sigma); required
+    reference_label: str = ""  # protocol-id name of the reference set (default: name + content hash)
     dims: Literal[64, 192, 768, 2048] = 2048  # pytorch-fid --dims; 2048 = pool3 (APDM and every paper)
 
     def validate(self) -> None:
@@ -231,7 +243,7 @@ earlier Inception block, pytorch-fid's --dims) is for quick checks; scipy's sqrt
 
     def protocol_id(self) -> str:
         feats = "pool3" if self.params.dims == 2048 else f"dims{self.params.dims}"
-        return f"fid/pytorch-fid-{feats}/ref={_short_name(self.params.reference)}/{self._sampling_id()}"
+        return f"fid/pytorch-fid-{feats}/ref={_short_name(self.params.reference, self.params.reference_label)}/{self._sampling_id()}"
 
     def compute(self, inputs: MetricInputs) -> float:
         if not inputs.generated:

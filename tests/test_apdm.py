@@ -229,3 +229,24 @@ def test_hardened_folder_loads_back_and_generates(tiny_a, hardened):
     assert models.weight_hashes(out)["text_encoder"] == models.weight_hashes(tiny_a)["text_encoder"]
     images = models.generate(models.set_sampler(pipe, "ddim"), [INSTANCE], 1, 4, 3.0, seed=0, resolution=64)
     assert images[0][1].shape == (64, 64, 3) and images[0][1].dtype == np.uint8 and images[0][1].std() > 0
+
+
+def test_positives_from_a_folder_as_the_reference_paired_dataset(tiny_a, tmp_path):
+    """positives_dir (the reference's --loss_dpo_paired_dataset_dir): x+ are the folder's first images by name,
+    fitted to the resolution; the class images still come from the base model."""
+    from PIL import Image
+
+    folder = tmp_path / "paired"
+    folder.mkdir()
+    for name, seed in (("b.png", 301), ("a.png", 300), ("c.png", 302)):
+        Image.fromarray(render_synthetic(seed, 0, 96)).save(folder / name)
+    defense = DEFENSES.create("apdm", {**MICRO, "positives_dir": str(folder)}, profile="tiny")
+    class_images, positives = defense._generated(make_ctx(tmp_path), tiny_a, defense.prompts("toy"), 2)
+    from bench.images import fit
+
+    assert [p.shape for p in positives] == [(64, 64, 3)] * 2
+    assert np.array_equal(positives[0], fit(render_synthetic(300, 0, 96), 64))  # a.png first
+    assert np.array_equal(positives[1], fit(render_synthetic(301, 0, 96), 64))
+    assert len(class_images) == 2 and not any(np.array_equal(c, p) for c in class_images for p in positives)
+    with pytest.raises(ValueError, match="3 images, but one per negative \\(4\\)"):
+        defense._generated(make_ctx(tmp_path), tiny_a, defense.prompts("toy"), 4)

@@ -1,9 +1,8 @@
-"""Imperceptibility, BRISQUE and dlib face metrics: exact values on crafted arrays, and pinned facts on the real
-faces in ../shared/data (skipped with a reason when that folder is absent)."""
+"""Imperceptibility and BRISQUE metrics: exact values on crafted arrays, and pinned facts on the real faces in
+../shared/data (skipped with a reason when that folder is absent). Face metrics: test_faces.py."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,49 +11,18 @@ from PIL import Image as PILImage
 
 from bench.plugins import METRICS, MetricInputs
 from bench.registry import ConfigError, build_params
-from metrics.faces import Fdfr, Ism, cosine, detect_faces, embed, reference_embedding
+from metrics.faces import Fdfr, Ism
 from metrics.imperceptibility import Linf, Psnr, Ssim
 from metrics.quality import Brisque
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FACES = DATA / "faces"
-IDS = ("n000033", "n000050")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # brisque 0.2 float(ndarray) on numpy 2.3
-
-
-@dataclass
-class StandInSubject:
-    """The part of bench.datasets.Subject that metrics use: ``load(split, resolution)`` and ``fingerprint()``."""
-
-    name: str
-    root: Path
-
-    def files(self, split: str) -> list[Path]:
-        return sorted(p for p in (self.root / f"set_{split}").iterdir() if p.suffix.lower() in (".jpg", ".png"))
-
-    def load(self, split: str, resolution: int | None) -> list[np.ndarray]:
-        out = []
-        for p in self.files(split):
-            with PILImage.open(p) as im:
-                im = im.convert("RGB")
-                if resolution is not None:
-                    im = im.resize((resolution, resolution), PILImage.Resampling.BICUBIC)
-                out.append(np.asarray(im))
-        return out
-
-    def fingerprint(self) -> str:
-        return f"stand-in:{self.root}"
 
 
 def needs_faces() -> None:
     if not FACES.is_dir():
         pytest.skip(f"real face data not found at {FACES}: these tests need the shared data folder beside the repo")
-
-
-@pytest.fixture(scope="module")
-def subjects() -> dict[str, StandInSubject]:
-    needs_faces()
-    return {i: StandInSubject(i, FACES / i) for i in IDS}
 
 
 def make(cls, **params):
@@ -177,87 +145,4 @@ def test_brisque_nan_names_the_image():
         make(Brisque).compute(blank())
 
 
-# --- faces (dlib) --------------------------------------------------------------------------------------------
-
-# Measured with dlib-bin 20.0.1 HOG at upsample 1: every image has one face except these.
-HOG_UP1_FACES = {"n000033/set_A/0275_01.jpg": 0, "n000033/set_C/0254_01.jpg": 0, "n000033/set_B/0233_02.jpg": 2}
-
-
-def test_dlib_hog_up1_on_real_faces(subjects):
-    found = {}
-    for sid, subject in subjects.items():
-        for split in "ABC":
-            for path, img in zip(subject.files(split), subject.load(split, None)):
-                found[f"{sid}/set_{split}/{path.name}"] = len(detect_faces(img, 1))
-    assert len(found) == 24
-    assert {k: v for k, v in found.items() if v != 1} == HOG_UP1_FACES
-
-
-def test_reference_skips_and_counts_faceless_images(subjects):
-    ref33 = reference_embedding(subjects["n000033"])
-    ref50 = reference_embedding(subjects["n000050"])
-    assert (ref33.n_used, ref33.n_noface) == (7, 1)  # set_A/0275_01.jpg has no HOG face
-    assert (ref50.n_used, ref50.n_noface) == (8, 0)
-    assert ref33.embedding.shape == (128,)
-    assert reference_embedding(subjects["n000033"]) is ref33  # cached per subject fingerprint
-
-
-def test_set_c_closer_to_own_identity(subjects):
-    refs = {sid: reference_embedding(s).embedding for sid, s in subjects.items()}
-    for sid, subject in subjects.items():
-        other = next(o for o in IDS if o != sid)
-        embs = [e for e in (embed(img) for img in subject.load("C", None)) if e is not None]
-        assert len(embs) == (3 if sid == "n000033" else 4)
-        for e in embs:
-            assert cosine(e, refs[sid]) > cosine(e, refs[other])
-        inputs = blank(512)
-        inputs.generated = subject.load("C", None)
-        inputs.subject = subject
-        own = make(Ism).compute(inputs)
-        inputs.subject = subjects[other]
-        cross = make(Ism).compute(inputs)
-        assert own > cross + 0.05
-        assert own == pytest.approx(np.mean([cosine(e, refs[sid]) for e in embs]), abs=1e-12)  # skip-noface
-        assert make(Fdfr).compute(inputs) == (0.25 if sid == "n000033" else 0.0)
-
-
-def test_degraded_face_is_missed_or_less_similar(subjects):
-    import cv2
-
-    subject = subjects["n000050"]
-    ref = reference_embedding(subject).embedding
-    img = subject.load("C", None)[0]
-    clean_sim = cosine(embed(img), ref)
-    rng = np.random.default_rng(0)
-    noised = np.clip(img.astype(float) + rng.normal(0, 80, img.shape), 0, 255).astype(np.uint8)
-    blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=12)
-    for bad in (noised, blurred):
-        e = embed(bad)
-        assert e is None or cosine(e, ref) < clean_sim
-
-
-def test_no_face_gives_fdfr_one_and_ism_nan(subjects):
-    rng = np.random.default_rng(0)
-    inputs = blank()
-    inputs.subject = subjects["n000050"]
-    inputs.generated = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-    assert make(Fdfr).compute(inputs) == 1.0
-    assert math.isnan(make(Ism).compute(inputs))
-    with pytest.raises(ValueError, match="no generated"):
-        make(Fdfr).compute(blank())
-
-
-def test_reference_without_any_face_is_a_clear_error():
-    rng = np.random.default_rng(0)
-
-    class Faceless:
-        name = "faceless"
-
-        def load(self, split, resolution):
-            return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
-
-        def fingerprint(self):
-            return "faceless-test"
-
-    with pytest.raises(ValueError, match="faceless"):
-        reference_embedding(Faceless())
+# Face metrics (fdfr, ism, ims, face-det-score, ser-fiq): tests/test_faces.py.

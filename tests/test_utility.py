@@ -105,6 +105,14 @@ def test_fid_protocol_pins_reference_prompts_and_sampler(tmp_path):
     assert fid_metric(ref, dims=2048).protocol_id().startswith("fid/pytorch-fid-pool3/ref=coco-")
     assert a.startswith("fid/pytorch-fid-dims64/ref=coco-") and "prompts=generic-10:10" in a and "ddim10-cfg3" in a
     assert "prompts=captions-" in b and ":2/" in b and str(tmp_path) not in b
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "captions.csv"
+    moved.write_bytes(prompts.read_bytes())
+    assert fid_metric(ref, prompts_file=str(moved), num_prompts=2).protocol_id() == b  # content, not path
+    moved.write_text("image_id,caption\n1,a cat\n2,a red car\n")
+    assert fid_metric(ref, prompts_file=str(moved), num_prompts=2).protocol_id() != b
+    labelled = fid_metric(ref, prompts_file=str(prompts), prompts_label="coco-val2014-5k", reference_label="coco-5k-img")
+    assert "/ref=coco-5k-img/prompts=coco-val2014-5k:3/" in labelled.protocol_id()
     assert fid_metric(ref, prompts_file=str(prompts), num_prompts=2).sampling()["prompts"] == ["a dog on a beach", "a red car"]
     paper = Fid(build_params(Fid, {"reference": str(ref)}, "paper", "test"))
     assert paper.sampling() | {"prompts": None} == {"prompts": None, "sampler": "pndm", "steps": 20, "guidance": 7.5,
@@ -150,3 +158,21 @@ def test_two_class_watermark_metrics_from_scores():
     tpr = WatermarkTprAtFpr(build_params(WatermarkTprAtFpr, {"fpr": 0.25}, "tiny", "t"))
     assert tpr.from_scores(labels, overlap) == pytest.approx(1 / 3)  # lowering the threshold to 0.35 passes 0.4 and 0.6: fpr 1/2
     assert WatermarkTprAtFpr().from_scores(labels, overlap) == pytest.approx(1 / 3)  # at fpr 0: only 0.9 > 0.6
+
+
+def test_apdm_reference_columns_are_the_ids_our_metrics_produce(tmp_path):
+    """leaderboards/apdm_reference.csv joins a run only if its columns are exactly our protocol ids (paper profile)."""
+    from bench.leaderboard import GROUP
+    from bench.plugins import METRICS
+    from bench.registry import load_builtins
+
+    load_builtins()
+    captions = tmp_path / "coco_val2014_5k.txt"
+    captions.write_text("\n".join(f"caption {i}" for i in range(5000)))
+    coco = {"prompts_file": str(captions), "prompts_label": "coco-val2014-5k"}
+    specs = [("dino", {}), ("brisque", {}), ("clip-score", coco),
+             ("fid", {**coco, "reference": str(save_folder(tmp_path / "coco", images(0, 2))),
+                      "reference_label": "coco-val2014-5k"})]
+    ours = {METRICS.get(n)(build_params(METRICS.get(n), kw, "paper", "t")).protocol_id() for n, kw in specs}
+    ref = pd.read_csv(Path(__file__).resolve().parents[1] / "leaderboards" / "apdm_reference.csv")
+    assert {c for c in ref.columns if c not in GROUP and c != "source"} == ours
