@@ -143,6 +143,27 @@ class Metric(Plugin):
         raise NotImplementedError
 
 
+class NotProvided(Metric):
+    """A metric some paper reports that the harness cannot provide: registered so that `bench list` says why and a
+    suite naming it is refused with that reason before anything runs. Subclasses set ``reason`` and ``pid``."""
+
+    reason: ClassVar[str] = ""
+    pid: ClassVar[str] = ""
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return cls.reason
+
+    def missing_weights(self) -> str | None:
+        return self.reason
+
+    def protocol_id(self) -> str:
+        return self.pid
+
+    def compute(self, inputs: MetricInputs) -> float:
+        raise RuntimeError(f"{self.name}: {self.reason}")
+
+
 class Dataset(Plugin):
     """A source of subjects. ``root`` is None for built-in data."""
 

@@ -14,7 +14,6 @@ import importlib.util
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 

@@ -42,8 +42,8 @@ from typing import Any, Literal
 import numpy as np
 
 from bench import weights
-from bench.plugins import METRICS, Image, Metric, MetricInputs
-from bench.registry import NoParams, Requirements
+from bench.plugins import METRICS, Image, Metric, MetricInputs, NotProvided
+from bench.registry import Requirements
 
 SHAPE_PREDICTOR = "shape_predictor_68_face_landmarks.dat"
 RESNET = "dlib_face_recognition_resnet_model_v1.dat"
@@ -672,30 +672,15 @@ SER_FIQ_REASON = ("SER-FIQ has no maintained implementation: Anti-DreamBooth's e
 
 
 @METRICS.register("ser-fiq", version=1)
-class SerFiq(Metric):
-    """SER-FIQ face quality (Anti-DreamBooth); always unavailable, listed so `bench list` says why.
+class SerFiq(NotProvided):
+    """SER-FIQ face quality (Terhoerst et al., CVPR'20) as Anti-DreamBooth's ``evaluations/ser_fiq.py`` runs it
+    (MTCNN alignment, T=100 dropout passes); always unavailable, listed so `bench list` says why."""
 
-    SER-FIQ (Terhoerst et al., CVPR'20), as Anti-DreamBooth's ``evaluations/ser_fiq.py`` runs it (MTCNN alignment,
-    T=100 dropout passes)."""
-
-    Params = NoParams
-    target = "generated"
     higher_is_better = False
     description = "SER-FIQ face image quality (Anti-DreamBooth); unavailable: no maintained implementation"
     paper = "Anti-DreamBooth (Le et al., ICCV'23) evaluations/ser_fiq.py; SER-FIQ (Terhoerst et al., CVPR'20)"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return SER_FIQ_REASON
-
-    def missing_weights(self) -> str | None:
-        return SER_FIQ_REASON  # a suite naming it is refused before anything runs
+    reason = SER_FIQ_REASON
+    pid = "ser-fiq/mxnet-arcface-mtcnn/T100"
 
     def applies_to(self, subject) -> bool:
         return getattr(subject, "class_noun", "person") == "person"
-
-    def protocol_id(self) -> str:
-        return "ser-fiq/mxnet-arcface-mtcnn/T100"
-
-    def compute(self, inputs: MetricInputs) -> float:
-        raise RuntimeError(f"ser-fiq: {SER_FIQ_REASON}")

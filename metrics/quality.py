@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from bench import weights
-from bench.plugins import METRICS, Image, Metric, MetricInputs
+from bench.plugins import METRICS, Image, Metric, MetricInputs, NotProvided
 from bench.registry import Requirements
 
 PIQ_VERSION = "0.8"  # the protocol ids name it; other piq versions may change values
@@ -353,24 +353,11 @@ class ClipIqa(Metric):
 # ---------------------------------------------------------------- LIQE: not available
 
 @METRICS.register("liqe", version=1)
-class Liqe(Metric):
+class Liqe(NotProvided):
     """LIQE quality (MetaCloak): not available in this harness; ``bench list`` says why (LIQE_REASON)."""
 
-    Params = NoTunables
-    target = "generated"
     higher_is_better = False
     description = "LIQE quality (MetaCloak): not provided, see the unavailable reason"
     paper = "MetaCloak (Liu et al., CVPR'24) eval_score.py; LIQE (Zhang et al., CVPR'23)"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return LIQE_REASON
-
-    def missing_weights(self) -> str | None:  # what a suite that names `liqe` is refused with
-        return LIQE_REASON
-
-    def protocol_id(self) -> str:
-        return "liqe/pyiqa/not-provided"
-
-    def compute(self, inputs: MetricInputs) -> float:
-        raise RuntimeError(LIQE_REASON)
+    reason = LIQE_REASON
+    pid = "liqe/pyiqa/not-provided"

@@ -78,14 +78,14 @@ def load_prompts(prompts_file: str, num_prompts: int) -> list[str]:
     return prompts[:num_prompts] if num_prompts else prompts
 
 
-def _short_name(ref: str, label: str = "") -> str:
+def _short_name(ref: str, label: str = "", empty: str = "generic-10") -> str:
     """A protocol-id token for a prompt file or reference set: ``label`` when given (e.g. "coco-val2014-5k", so that
     a paper's reference table can name the column), else the name plus a short hash of the content (a file's bytes;
     a folder's file names and sizes), never an absolute path."""
     if label:
         return label
     if not ref:
-        return "generic-10"
+        return empty
     path = Path(ref).expanduser()
     h = hashlib.sha256()
     if path.is_dir():
@@ -243,7 +243,8 @@ earlier Inception block, pytorch-fid's --dims) is for quick checks; scipy's sqrt
 
     def protocol_id(self) -> str:
         feats = "pool3" if self.params.dims == 2048 else f"dims{self.params.dims}"
-        return f"fid/pytorch-fid-{feats}/ref={_short_name(self.params.reference, self.params.reference_label)}/{self._sampling_id()}"
+        ref = _short_name(self.params.reference, self.params.reference_label, "unset")
+        return f"fid/pytorch-fid-{feats}/ref={ref}/{self._sampling_id()}"
 
     def compute(self, inputs: MetricInputs) -> float:
         if not inputs.generated:

@@ -16,7 +16,7 @@ from bench import models
 from bench.datasets import SyntheticDataset, SyntheticParams, render_synthetic
 from bench.plugins import ATTACKS, DEFENSES, RunContext
 from bench.registry import ConfigError
-from defenses.apdm import APDM, dpo_loss, personalization_loss, protection_loss, quoted_prompt
+from defenses.apdm import dpo_loss, personalization_loss, protection_loss, quoted_prompt
 from tests.test_models import TEST_PRETRAIN, build_tiny
 from tests.conftest import held_out_loss
 
@@ -202,7 +202,9 @@ def test_hardened_model_resists_dreambooth(attacked):
 
 
 @pytest.mark.xfail(strict=True, reason="at tiny scale the protection is not subject-specific: the tiny text encoder "
-                   "ignores the prompt and every synthetic toy shifts alike (measured: subject +3.1%, unrelated +3.3%)")
+                   "ignores the prompt and every synthetic toy shifts alike (measured: subject +3.1%, unrelated +3.3%; "
+                   "before the attack +60.9% vs +60.9%; with real-image positives (positives_dir, other synthetic "
+                   "subjects) +70.7% vs +71.0%; DreamBooth on the unrelated subject instead: +3.1%)")
 def test_protection_is_subject_specific_at_tiny_scale(attacked):
     subject_rise = attacked["hard_subject"] / attacked["base_subject"] - 1
     unrelated_rise = attacked["hard_unrelated"] / attacked["base_unrelated"] - 1

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.planner import build_plan
 from bench.plugins import DEFENSES, SCENARIOS, Defense, RunContext, ScenarioSpec
 from bench.profiles import get_profile
 from bench.registry import ConfigError, load_builtins

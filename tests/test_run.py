@@ -3,7 +3,6 @@ and the harden / watermark data-flow paths."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess

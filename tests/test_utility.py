@@ -176,3 +176,25 @@ def test_apdm_reference_columns_are_the_ids_our_metrics_produce(tmp_path):
     ours = {METRICS.get(n)(build_params(METRICS.get(n), kw, "paper", "t")).protocol_id() for n, kw in specs}
     ref = pd.read_csv(Path(__file__).resolve().parents[1] / "leaderboards" / "apdm_reference.csv")
     assert {c for c in ref.columns if c not in GROUP and c != "source"} == ours
+
+
+def test_bench_weights_list_and_fetch_failure_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    from bench import weights
+
+    monkeypatch.setenv("BENCH_WEIGHTS_DIR", str(tmp_path / "w"))
+    assert main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "fid-inception [missing]" in out and "insightface-buffalo_l [missing]" in out and "dino-vits16" in out
+    assert main(["weights", "fetch", "fid-inceptoin"]) == 2  # unknown name: did you mean
+
+    def offline(url, dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"partial")
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(weights, "download", offline)
+    assert main(["weights", "fetch", "fid-inception"]) == 1
+    assert "fid-inception: fetch failed" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "fid-inception").exists() and list((tmp_path / "w").iterdir()) == []
