@@ -466,18 +466,22 @@ class IdentityProtocol:
 
     ``aggregation`` "mean-ref": cosine to the mean reference embedding (ISM, Anti-DreamBooth); "per-ref": mean of the
     cosines to each reference image (IMS, MetaCloak). ``noface`` None skips images without a face (NaN if all lack
-    one); a number is such an image's score, kept in the mean."""
+    one); a number is such an image's score, kept in the mean. ``match_distance`` (per-ref only; MetaCloak's deepface
+    ``find``): only references within this cosine distance count, and an image none of them matches scores
+    ``noface`` too (MetaCloak: 1 - 2 = -1)."""
 
     backend: FaceBackend
     splits: tuple[str, ...]
     aggregation: Literal["mean-ref", "per-ref"]
     noface: float | None = None
+    match_distance: float | None = None
 
     @property
     def id(self) -> str:
         name = "ism" if self.aggregation == "mean-ref" else "ims"
         policy = "skip-noface" if self.noface is None else f"noface={self.noface:g}"
-        return f"{name}/{self.backend.id}/ref={''.join(self.splits)}/{policy}"
+        match = "" if self.match_distance is None else f"/match-dist<={self.match_distance:g}"
+        return f"{name}/{self.backend.id}/ref={''.join(self.splits)}{match}/{policy}"
 
     def references(self, subject: Any) -> np.ndarray:
         """(k, d) reference rows: the mean (k = 1) or every reference image with a face."""
@@ -485,10 +489,16 @@ class IdentityProtocol:
         return np.mean(found, axis=0)[None] if self.aggregation == "mean-ref" else np.stack(found)
 
     def image_scores(self, images: list[Image], subject: Any) -> list[float | None]:
-        """Per generated image: mean cosine to the reference rows, None where no face is found."""
+        """Per generated image: mean cosine to the reference rows (those within ``match_distance``), None where no
+        face is found or no reference matches."""
         refs = self.references(subject)
-        return [None if e is None else float(np.mean([cosine(e, r) for r in refs]))
-                for e in self.backend.embeddings(images)]
+        out: list[float | None] = []
+        for e in self.backend.embeddings(images):
+            sims = [] if e is None else [cosine(e, r) for r in refs]
+            if self.match_distance is not None:
+                sims = [c for c in sims if 1.0 - c <= self.match_distance]
+            out.append(float(np.mean(sims)) if sims else None)
+        return out
 
     def score(self, images: list[Image], subject: Any) -> float:
         scores = self.image_scores(images, subject)
@@ -614,22 +624,37 @@ class Ism(_FaceMetric):
         return self.protocol().score(images, inputs.subject)
 
 
+@dataclass(frozen=True)
+class ImsParams(IdentityParams):
+    # MetaCloak's eval_score.py runs deepface's find: only set_C images within the recogniser's verification
+    # threshold (VGG-Face cosine 0.40) count, and an image matching none scores -1. None = every set_C image counts
+    # (METHODS.md 5.7's reading). The threshold is the backbone's: pick the one your backend is verified with.
+    match_distance: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.match_distance is not None and not 0 <= self.match_distance <= 2:
+            raise ValueError(f"match_distance is a cosine distance in [0, 2], got {self.match_distance}")
+
+
 @METRICS.register("ims", version=1)
 class Ims(_FaceMetric):
     """Identity matching score (MetaCloak IMS); backends dlib-hog, dlib-cnn, insightface.
 
     Per generated image, the mean cosine of its largest-face embedding to each clean set_C image with a face
-    (= 1 - mean cosine distance); an image without a face scores -1 and stays in the mean. Lower is better for the
-    defender."""
+    (= 1 - mean cosine distance); an image without a face scores -1 and stays in the mean. ``match_distance``
+    reproduces MetaCloak's code more closely (only references within that distance count; no match = -1); MetaCloak
+    also embeds a face-less image whole (deepface ``enforce_detection=False``) and takes deepface's first face, where
+    this scores it -1 and takes the largest. Lower is better for the defender."""
 
-    Params = IdentityParams
+    Params = ImsParams
     higher_is_better = False
     description = ("mean cosine of face embeddings to each clean set_C image, -1 for an image without a face "
                    "(MetaCloak IMS)")
     paper = "MetaCloak (Liu et al., CVPR'24) robust_facecloak/eval_score.py IMS, backbone per backend"
 
     def protocol(self) -> IdentityProtocol:
-        return IdentityProtocol(self.backend(), ("C",), "per-ref", -1.0)
+        return IdentityProtocol(self.backend(), ("C",), "per-ref", -1.0, self.params.match_distance)
 
     def protocol_id(self) -> str:
         return self.protocol().id

@@ -170,6 +170,14 @@ def test_ism_and_ims_differ_exactly_as_defined(subjects):
     assert IdentityProtocol(HOG, ("C",), "per-ref", None).score(gen, subject) == pytest.approx(
         np.mean(per_ref), abs=1e-9)
     assert IdentityProtocol(HOG, ("C",), "per-ref", None).id == "ims/dlib-resnet-hog-up1/ref=C/skip-noface"
+    # MetaCloak's deepface-find gate: only set_C images within the distance count, no match -> -1
+    dists = [[1 - cos(e, c) for c in set_c] for e in faces]
+    gate = float(np.median([d for row in dists for d in row]))  # some pairs pass, some do not
+    gated = [np.mean([1 - d for d in row if d <= gate]) if any(d <= gate for d in row) else -1.0 for row in dists]
+    ims_gated = make(Ims, match_distance=gate)
+    assert ims_gated.compute(inputs(subject, gen)) == pytest.approx((sum(gated) - 2) / 6, abs=1e-9)
+    assert ims_gated.compute(inputs(subject, gen)) != pytest.approx(ims, abs=1e-6)
+    assert ims_gated.protocol_id() == f"ims/dlib-resnet-hog-up1/ref=C/match-dist<={gate:g}/noface=-1"
 
 
 def test_fdfr_counts_every_image(subjects):
