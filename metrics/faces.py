@@ -214,21 +214,30 @@ def _dlib_face(rect: Any, score: float) -> Face:
     return Face((rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1), float(score))
 
 
-@dataclass(frozen=True)
-class DlibHog(Detector):
-    """dlib HOG + linear SVM; score = SVM margin (``run()``), kept when above ``threshold``."""
+class _Dlib(Detector):
+    """Shared id of the dlib detectors: ``dlib-<kind>-up<upsample>[-t<threshold>]``."""
 
-    upsample: int = 1
-    threshold: float = 0.0
-    modules = ("dlib",)
+    kind = ""
+    upsample: int
+    threshold: float
 
     @property
     def tag(self) -> str:  # type: ignore[override]
-        return f"hog-up{self.upsample}" + (f"-t{self.threshold:g}" if self.threshold else "")
+        return f"{self.kind}-up{self.upsample}" + (f"-t{self.threshold:g}" if self.threshold else "")
 
     @property
     def id(self) -> str:  # type: ignore[override]
         return f"dlib-{self.tag}"
+
+
+@dataclass(frozen=True)
+class DlibHog(_Dlib):
+    """dlib HOG + linear SVM; score = SVM margin (``run()``), kept when above ``threshold``."""
+
+    upsample: int = 1
+    threshold: float = 0.0
+    kind = "hog"
+    modules = ("dlib",)
 
     def _detect(self, images: list[Image]) -> list[list[Face]]:
         out = []
@@ -239,21 +248,14 @@ class DlibHog(Detector):
 
 
 @dataclass(frozen=True)
-class DlibCnn(Detector):
+class DlibCnn(_Dlib):
     """dlib MMOD CNN; score = MMOD confidence, kept when >= ``threshold``. Batched over images of one size."""
 
     upsample: int = 1
     threshold: float = 0.0
     batch_size: int = 4
+    kind = "cnn"
     modules = ("dlib", "face_recognition_models")
-
-    @property
-    def tag(self) -> str:  # type: ignore[override]
-        return f"cnn-up{self.upsample}" + (f"-t{self.threshold:g}" if self.threshold else "")
-
-    @property
-    def id(self) -> str:  # type: ignore[override]
-        return f"dlib-{self.tag}"
 
     def _detect(self, images: list[Image]) -> list[list[Face]]:
         out: list[list[Face]] = [[] for _ in images]
