@@ -34,10 +34,12 @@ class ImageError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
-def _check_array(image: np.ndarray, what: str) -> None:
+def checked_rgb(image: np.ndarray, what: str) -> np.ndarray:
+    """``image`` as a C-contiguous uint8 HxWx3 array; ValueError naming ``what`` for anything else."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"{what}: expected a uint8 HxWx3 RGB array, got a {desc}")
+    return np.ascontiguousarray(image)
 
 
 def _flatten_on_white(img: Image.Image) -> np.ndarray:
@@ -122,7 +124,7 @@ def fit(image: np.ndarray, resolution: int) -> np.ndarray:
     """Resize the shorter side to ``resolution`` px and centre-crop to a square, as DreamBooth's
     ``--center_crop`` (torchvision Resize + CenterCrop arithmetic); PIL bicubic when enlarging, LANCZOS when
     shrinking, no resampling when the shorter side already matches."""
-    _check_array(image, "fit")
+    checked_rgb(image, "fit")
     if resolution < 1:
         raise ValueError(f"fit: resolution must be a positive number of pixels, got {resolution}")
     h, w = image.shape[:2]
@@ -140,7 +142,7 @@ def fit(image: np.ndarray, resolution: int) -> np.ndarray:
 
 def save_png(image: np.ndarray, path: Path) -> None:
     """Write ``image`` as an RGB PNG atomically (temp file in the same folder, then ``os.replace``)."""
-    _check_array(image, f"save_png {path}")
+    checked_rgb(image, f"save_png {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

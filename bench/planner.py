@@ -141,7 +141,8 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                        "resolution": profile.resolution, "attack": plugin_spec(attack)},
                           (attacker_model, trained), f"generate {attack.label} {label}")
         return {"stages": {compose, trained, generated, *attack_deps}, "generated": generated,
-                "attacker_model": attacker_model, "instance_prompt": instance_prompt, "eval_prompts": eval_prompts}
+                "attacker_model": attacker_model, "instance_prompt": instance_prompt, "eval_prompts": eval_prompts,
+                "prompt_templates": dict(zip(eval_prompts, subject.eval_prompts if use_subject else gen.prompts))}
 
     baseline_spec = {"name": "none", "version": DEFENSES.get("none").version, "params": {}}
     for dataset in suite.datasets:
@@ -162,9 +163,7 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                             attacker_model, generated = chain["attacker_model"], chain["generated"]
                             cell_stages = {protect, *protect_deps, *chain["stages"]}
                             measures: dict[str, str] = {}
-                            for metric in suite.metrics:
-                                m = metric.create()
-                                pid = m.protocol_id()
+                            for metric, m, pid, prompt in _measures(suite, chain["prompt_templates"]):
                                 deps: tuple[str, ...]
                                 if m.target == "model":
                                     sample = b.add("sample", {**m.sampling(), "seed": seed, "resolution": profile.resolution},
@@ -182,10 +181,12 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                                         f"{scenario.label} none {subject.key()}")
                                     cell_stages |= {base_protect, *base["stages"]}
                                     deps = deps + (base["generated"],)
-                                mkey = b.add("measure", {"metric": plugin_spec(metric), "protocol": pid, "subject": subj,
-                                                         "resolution": profile.resolution, "target": m.target,
-                                                         "defense_kind": dcls.defense_kind, "defense": defense.name},
-                                             deps, f"measure {pid}")
+                                mparams = {"metric": plugin_spec(metric), "protocol": pid, "subject": subj,
+                                           "resolution": profile.resolution, "target": m.target,
+                                           "defense_kind": dcls.defense_kind, "defense": defense.name}
+                                if prompt is not None:
+                                    mparams["prompt"] = prompt
+                                mkey = b.add("measure", mparams, deps, f"measure {pid}")
                                 measures[pid] = mkey
                                 cell_stages |= set(deps) | {mkey}
                             keys = {"dataset": dataset.label, "subject": subject.id, "defense": defense.label,
@@ -198,6 +199,19 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                               {"defense": protect_deps[0] if protect_deps else "", "attacker": attacker_model}))
     ordered = _topological(b.stages)
     return Plan(ordered, cells)
+
+
+def _measures(suite: Suite, templates: dict[str, str]):
+    """(entry, metric, protocol id, prompt or None) per leaderboard column; a ``per_prompt`` metric gives one column
+    per evaluation prompt, named by the prompt's template (so subjects of other classes share it)."""
+    for entry in suite.metrics:
+        m = entry.create()
+        pid = m.protocol_id()
+        if entry.extra.get("per_prompt"):
+            for prompt, template in templates.items():
+                yield entry, m, f"{pid}/prompt={template}", prompt
+        else:
+            yield entry, m, pid, None
 
 
 def _scenario_dict(spec: ScenarioSpec) -> dict:

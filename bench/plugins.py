@@ -113,6 +113,12 @@ class MetricInputs:
     baseline_generated: list[Image] = field(default_factory=list)  # needs_baseline metrics of watermark defenses
 
 
+def subject_name(subject: Any) -> str:
+    """A subject's name for messages (``Subject.key()``, or a stand-in's ``name``/``id``)."""
+    key = getattr(subject, "key", None)
+    return str(key() if callable(key) else getattr(subject, "name", None) or getattr(subject, "id", None) or subject)
+
+
 class Metric(Plugin):
     """A number computed under a fixed protocol (``protocol_id`` is the leaderboard column).
 

@@ -219,6 +219,8 @@ def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
         gpath = env.store.path(source, env.dep(stage, source).key)
         prompts = json.loads((gpath / "prompts.json").read_text())
         inputs.generated_names = sorted(prompts)
+        if p.get("prompt") is not None:  # a per-prompt column: that prompt's images only
+            inputs.generated_names = [n for n in inputs.generated_names if prompts[n] == p["prompt"]]
         inputs.generated = [load_png(gpath / "images" / n) for n in inputs.generated_names]
         inputs.prompts = [prompts[n] for n in inputs.generated_names]
         baseline = [k for k in stage.deps if env.stages[k].kind == "generate"][1:]

@@ -91,6 +91,19 @@ def _entry(registry: Registry, raw: Any, where: str, profile: str, extra_keys: t
     return Entry(registry.kind, name, str(label or _label(name, raw)), params, cls, extra)
 
 
+def _metric_entry(raw: Any, where: str, profile: str) -> Entry:
+    """A metric; ``per_prompt: true`` asks for one column per evaluation prompt (Anti-DreamBooth's test.py reports
+    FDFR/ISM per prompt), each measured on that prompt's images only."""
+    entry = _entry(METRICS, raw, where, profile, ("per_prompt",))
+    per_prompt = entry.extra.get("per_prompt", False)
+    if not isinstance(per_prompt, bool):
+        raise ConfigError(f"{where}: per_prompt must be true or false, got {per_prompt!r}")
+    if per_prompt and entry.plugin_cls.target != "generated":
+        raise ConfigError(f"{where}: per_prompt applies to metrics of generated images; {entry.name!r} measures "
+                          f"{entry.plugin_cls.target} images")
+    return entry
+
+
 def _list(doc: dict, key: str, path: Path) -> list:
     value = doc.get(key)
     if value is None:
@@ -140,7 +153,7 @@ def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = N
         defenses=tuple(_entry(DEFENSES, d, f"{path}: defenses[{i}]", profile) for i, d in enumerate(_list(doc, "defenses", path))),
         scenarios=tuple(_entry(SCENARIOS, d, f"{path}: scenarios[{i}]", profile) for i, d in enumerate(_list(doc, "scenarios", path))),
         attacks=tuple(_entry(ATTACKS, d, f"{path}: attacks[{i}]", profile) for i, d in enumerate(_list(doc, "attacks", path))),
-        metrics=tuple(_entry(METRICS, d, f"{path}: metrics[{i}]", profile) for i, d in enumerate(_list(doc, "metrics", path))),
+        metrics=tuple(_metric_entry(d, f"{path}: metrics[{i}]", profile) for i, d in enumerate(_list(doc, "metrics", path))),
         seeds=tuple(seeds),
     )
     for kind in ("defenses", "scenarios", "attacks", "metrics"):

@@ -3,7 +3,7 @@ on the hardened vs the unhardened model, before and after the attacker's DreamBo
 unrelated subject is attacked with its own images), for a list of APDM parameter sets.
 
     .venv/bin/python benchmarks/apdm_specificity.py --scale tiny '[{}, {"reduction": "sample", "beta": 1000}]'
-    .venv/bin/python benchmarks/apdm_specificity.py --scale medium --work /tmp/apdm-medium '[...]'
+    .venv/bin/python benchmarks/apdm_specificity.py --scale medium '[...]'
 
 ``tiny`` is tiny:a (0.79M UNet, 64 px, the tests' short pre-training); ``medium`` is a UNet of 64/128/256 channels
 (17.8M, 128 px) pre-trained 300 steps (~6 min on one CPU core, cached in --work). Each line prints the rise of the
@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", help="JSON list of APDM parameter dicts")
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
-    ap.add_argument("--work", default="/tmp/apdm-specificity")
+    ap.add_argument("--work", default="runs/apdm-specificity", help="cache of models and runs (default under ./runs)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", "1")))
     load_builtins()

@@ -42,7 +42,8 @@ from typing import Any, Literal
 import numpy as np
 
 from bench import weights
-from bench.plugins import METRICS, Image, Metric, MetricInputs, NotProvided
+from bench.images import checked_rgb
+from bench.plugins import METRICS, Image, Metric, MetricInputs, NotProvided, subject_name
 from bench.registry import Requirements
 
 SHAPE_PREDICTOR = "shape_predictor_68_face_landmarks.dat"
@@ -165,13 +166,6 @@ class _Lru:
 
 
 _DETECTIONS, _EMBEDDINGS = _Lru(), _Lru()
-
-
-def _checked(image: Image, where: str) -> Image:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{where}: expected a uint8 HxWx3 RGB array, got "
-                         f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
-    return np.ascontiguousarray(image)
 
 
 def _digest(image: Image) -> str:
@@ -382,11 +376,11 @@ class FaceBackend:
         return "; ".join(reasons) or None
 
     def faces(self, images: list[Image]) -> list[list[Face]]:
-        return self.detector.detect([_checked(img, f"face image {i}") for i, img in enumerate(images)])
+        return self.detector.detect([checked_rgb(img, f"face image {i}") for i, img in enumerate(images)])
 
     def embeddings(self, images: list[Image]) -> list[np.ndarray | None]:
         """Embedding of each image's largest face (None where no face is found); batched, cached."""
-        images = [_checked(img, f"face image {i}") for i, img in enumerate(images)]
+        images = [checked_rgb(img, f"face image {i}") for i, img in enumerate(images)]
         keys = [(self.cache_key, _digest(img)) for img in images]
         cached = [_EMBEDDINGS.get(k) for k in keys]  # an array, False (no face) or None (not cached)
         todo = [i for i, e in enumerate(cached) if e is None]
@@ -421,10 +415,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 # --- references and the identity protocol -------------------------------------------------------------------
 
 _REFERENCES: dict[tuple[str, tuple[str, ...], str], list[np.ndarray | None]] = {}
-
-
-def subject_name(subject: Any) -> str:
-    return str(getattr(subject, "name", None) or getattr(subject, "id", None) or subject)
 
 
 def reference_embeddings(subject: Any, splits: tuple[str, ...], backend: FaceBackend) -> list[np.ndarray | None]:

@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image as PILImage
 
 from bench import weights
-from bench.plugins import METRICS, Image, Metric, MetricInputs
+from bench.images import checked_rgb
+from bench.plugins import METRICS, Image, Metric, MetricInputs, subject_name
 from bench.registry import Requirements
 
 BATCH_SIZE = 16
@@ -150,13 +151,6 @@ def load_clip(path: str, device: str) -> tuple[Any, Any]:
 
 # ---------------------------------------------------------------------------------------------- embeddings
 
-def _checked(image: Image, where: str) -> Image:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{where}: expected a uint8 HxWx3 RGB array, got "
-                         f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
-    return np.ascontiguousarray(image)
-
-
 def preprocess(images: Sequence[Image], resize: int, crop: int, mean: Sequence[float],
                std: Sequence[float]) -> np.ndarray:
     """(n, 3, crop, crop) float32: PIL bicubic resize of the shorter side to ``resize`` (longer side truncated, as
@@ -164,7 +158,7 @@ def preprocess(images: Sequence[Image], resize: int, crop: int, mean: Sequence[f
     out = np.empty((len(images), 3, crop, crop), dtype=np.float32)
     m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     for i, image in enumerate(images):
-        pil = PILImage.fromarray(_checked(image, "preprocess"))
+        pil = PILImage.fromarray(checked_rgb(image, "preprocess"))
         w, h = pil.size
         nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
         pil = pil.resize((nw, nh), PILImage.Resampling.BICUBIC)
@@ -242,19 +236,14 @@ def clip_text_embeddings(texts: Sequence[str], model_ref: str = CLIP_VIT_L14.nam
 _REFERENCES: dict[tuple[str, str, str, str, str], np.ndarray] = {}
 
 
-def _subject_name(subject: Any) -> str:
-    key = getattr(subject, "key", None)
-    return str(key() if callable(key) else getattr(subject, "name", None) or getattr(subject, "id", None) or subject)
-
-
 def reference_images(subject: Any, split: str, metric: str) -> list[Image]:
     """The subject's clean images of ``split`` ("A", "AB" = A + B, "C") at native resolution."""
     try:
         images = [img for s in REFERENCE_SPLITS[split] for img in subject.load(s, None)]
     except ValueError as e:  # DataError (empty/unknown split), ImageError (bad file)
-        raise ValueError(f"{metric}: reference split {split} of subject {_subject_name(subject)!r}: {e}") from e
+        raise ValueError(f"{metric}: reference split {split} of subject {subject_name(subject)!r}: {e}") from e
     if not images:
-        raise ValueError(f"{metric}: reference split {split} of subject {_subject_name(subject)!r} has no images")
+        raise ValueError(f"{metric}: reference split {split} of subject {subject_name(subject)!r} has no images")
     return images
 
 
@@ -266,6 +255,14 @@ def reference_embeddings(subject: Any, split: str, model_ref: str, family: Liter
         embed = dino_embeddings if family == "dino" else clip_image_embeddings
         _REFERENCES[key] = embed(reference_images(subject, split, metric), model_ref)
     return _REFERENCES[key]
+
+
+def image_text_cosine(images: Sequence[Image], texts: Sequence[str], model_ref: str) -> float:
+    """Mean cosine of each image's CLIP embedding with its own text's (CLIP-T; APDM's CLIP score)."""
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} prompts: one prompt per image is needed")
+    img, txt = clip_image_embeddings(images, model_ref), clip_text_embeddings(texts, model_ref)
+    return float(np.mean(np.sum(img * txt, axis=1)))
 
 
 def all_pairs_mean(reference: np.ndarray, generated: np.ndarray) -> float:
@@ -389,7 +386,4 @@ class ClipT(_FidelityMetric):
         if len(inputs.prompts) != len(inputs.generated):
             raise ValueError(f"{self.name}: {len(inputs.generated)} generated images but {len(inputs.prompts)} "
                              f"prompts (MetricInputs.prompts needs one prompt per generated image)")
-        prompts = list(inputs.prompts[: len(generated)])
-        img = clip_image_embeddings(generated, self.params.model)
-        txt = clip_text_embeddings(prompts, self.params.model)
-        return float(np.mean(np.sum(img * txt, axis=1)))
+        return image_text_cosine(generated, list(inputs.prompts[: len(generated)]), self.params.model)

@@ -21,6 +21,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from bench import weights
+from bench.images import checked_rgb
 from bench.plugins import METRICS, Image, Metric, MetricInputs
 from bench.registry import Requirements
 
@@ -34,8 +35,7 @@ def image_pairs(inputs: MetricInputs, metric: str) -> list[tuple[Image, Image]]:
         raise ValueError(f"{metric}: {len(prot)} protected images but {len(clean)} clean ones")
     for i, (p, c) in enumerate(zip(prot, clean)):
         for what, a in (("protected", p), ("clean", c)):
-            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
-                raise ValueError(f"{metric}: {what}[{i}] is not a uint8 HxWx3 array ({a.dtype}, {a.shape})")
+            checked_rgb(a, f"{metric}: {what}[{i}]")
         if p.shape != c.shape:
             raise ValueError(f"{metric}: protected[{i}] has shape {p.shape} but clean[{i}] has {c.shape}")
     return list(zip(prot, clean))

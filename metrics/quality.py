@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from bench import weights
+from bench.images import checked_rgb
 from bench.plugins import METRICS, Image, Metric, MetricInputs, NotProvided
 from bench.registry import Requirements
 
@@ -142,9 +143,7 @@ def resized_batch(images: Sequence[Image], size: int):
 
     arrays = []
     for i, image in enumerate(images):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image {i}: expected a uint8 HxWx3 array, got {image.dtype} {image.shape}")
-        pil = PILImage.fromarray(image).resize((size, size), PILImage.Resampling.BILINEAR)
+        pil = PILImage.fromarray(checked_rgb(image, f"image {i}")).resize((size, size), PILImage.Resampling.BILINEAR)
         arrays.append(np.asarray(pil))
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return batch.float().div(255)
@@ -209,9 +208,7 @@ def brisque_model() -> Any:
 
 def brisque_score(image: Image) -> float:
     """BRISQUE score of one uint8 HxWx3 RGB image, exactly ``BRISQUE(url=False).score(PIL image)``."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"brisque: expected a uint8 HxWx3 array, got {image.dtype} {image.shape}")
-    return float(brisque_model().score(PILImage.fromarray(image)))
+    return float(brisque_model().score(PILImage.fromarray(checked_rgb(image, "brisque"))))
 
 
 @METRICS.register("brisque", version=1)

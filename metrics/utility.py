@@ -78,6 +78,7 @@ def load_prompts(prompts_file: str, num_prompts: int) -> list[str]:
     return prompts[:num_prompts] if num_prompts else prompts
 
 
+@functools.lru_cache(maxsize=64)  # the planner asks once per cell; a 5k-image folder is listed once per process
 def _short_name(ref: str, label: str = "", empty: str = "generic-10") -> str:
     """A protocol-id token for a prompt file or reference set: ``label`` when given (e.g. "coco-val2014-5k", so that
     a paper's reference table can name the column), else the name plus a short hash of the content (a file's bytes;
@@ -283,10 +284,8 @@ class ClipScore(_UtilityMetric):
         return f"clip-score/{backbone_token(self.params.model)}/{self._sampling_id()}"
 
     def compute(self, inputs: MetricInputs) -> float:
-        from metrics.fidelity import clip_image_embeddings, clip_text_embeddings
+        from metrics.fidelity import image_text_cosine
 
-        if not inputs.generated or len(inputs.prompts) != len(inputs.generated):
-            raise ValueError(f"clip-score: {len(inputs.generated)} sampled images but {len(inputs.prompts)} prompts")
-        img = clip_image_embeddings(inputs.generated, self.params.model)
-        txt = clip_text_embeddings(inputs.prompts, self.params.model)
-        return float(np.mean(np.sum(img * txt, axis=1)))
+        if not inputs.generated:
+            raise ValueError("clip-score: no sampled images given")
+        return image_text_cosine(inputs.generated, inputs.prompts, self.params.model)

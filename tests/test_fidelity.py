@@ -165,8 +165,9 @@ def test_local_folder_token_has_no_path_and_follows_content(tiny_dino, tmp_path)
 
 @pytest.mark.parametrize("params, problem", [
     ({"reference_split": "B"}, "reference_split"), ({"max_generated": 0}, "max_generated"),
-    ({"model": "no-such-weights"}, "no-such-weights"), ({"model": "/no/such/folder"}, "/no/such/folder")])
-def test_bad_params_are_config_errors(params, problem):
+    ({"model": "no-such-weights"}, "no-such-weights"), ({"model": "{tmp}/no-such-folder"}, "no-such-folder")])
+def test_bad_params_are_config_errors(params, problem, tmp_path):
+    params = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in params.items()}
     with pytest.raises(ConfigError, match=problem):
         make(Dino, **params)
 

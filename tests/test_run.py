@@ -254,3 +254,27 @@ def test_every_registered_defense_runs_end_to_end(out_dir, tmp_path):
             assert linf == 0, name
         else:
             assert linf <= int(budget), (name, linf, budget)
+
+
+def test_per_prompt_columns_measure_each_prompts_images(out_dir, tmp_path, monkeypatch):
+    """`per_prompt: true` (Anti-DreamBooth reports FDFR/ISM per prompt): one column per prompt template, each on that
+    prompt's images only; with equal images per prompt their mean is the all-prompts value."""
+    import dataclasses
+
+    from bench import profiles
+
+    tiny = profiles.PROFILES["tiny"]
+    two = dataclasses.replace(tiny, name="tiny-2prompts", generation=dataclasses.replace(
+        tiny.generation, prompts=("a photo of {identifier} {class_noun}", "a dslr portrait of {identifier} {class_noun}")))
+    monkeypatch.setitem(profiles.PROFILES, "tiny-2prompts", two)
+    body = MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", "defenses: [none]") \
+                .replace("metrics: [linf, psnr, brisque]", "metrics: [brisque, {name: brisque, per_prompt: true, label: brisque-by-prompt}]")
+    suite = write_suite(tmp_path, body)
+    assert main(["run", "--suite", str(suite), "--profile", "tiny-2prompts", "--out", str(out_dir)]) == 0
+    row = pd.read_csv(out_dir / "leaderboards" / "micro.csv").iloc[0]
+    base = "brisque/pypi-brisque/native"
+    a, b = row[f"{base}/prompt=a photo of {{identifier}} {{class_noun}}"], row[f"{base}/prompt=a dslr portrait of {{identifier}} {{class_noun}}"]
+    assert a != b and (a + b) / 2 == pytest.approx(row[base], abs=2e-4)  # CSV keeps 4 decimals
+    bad = write_suite(tmp_path, MICRO.replace("metrics: [linf, psnr, brisque]", "metrics: [{name: linf, per_prompt: true}]"),
+                      "bad.yaml")
+    assert main(["validate", str(bad)]) == 2  # linf measures protected images, not prompts'
