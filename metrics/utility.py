@@ -78,7 +78,6 @@ def load_prompts(prompts_file: str, num_prompts: int) -> list[str]:
     return prompts[:num_prompts] if num_prompts else prompts
 
 
-@functools.lru_cache(maxsize=64)  # the planner asks once per cell; a 5k-image folder is listed once per process
 def _short_name(ref: str, label: str = "", empty: str = "generic-10") -> str:
     """A protocol-id token for a prompt file or reference set: ``label`` when given (e.g. "coco-val2014-5k", so that
     a paper's reference table can name the column), else the name plus a short hash of the content (a file's bytes;
