@@ -24,6 +24,7 @@ import torch
 from bench import models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
+from bench.profiles import PROXY_FINETUNE
 
 CLASS_IMAGE_SEED_OFFSET = 500_000  # class images never share initial noise with evaluation images (seed + 1000 i + j)
 CLASS_IMAGE_BATCH = 8  # Anti-DreamBooth scripts: --sample_batch_size 8 or 16
@@ -241,7 +242,7 @@ class DreamBooth(Attack):
     safetensors (``unet/``, ``text_encoder/``) and ``train_log.json``."""
 
     Params = DreamBoothParams
-    profiles = {"tiny": {**_TINY, "learning_rate": 3e-4}}
+    profiles = {"tiny": {**_TINY, "learning_rate": 3e-4}, "proxy": {**PROXY_FINETUNE, "max_train_steps": 200}}
     paper = "Ruiz et al., CVPR'23; Anti-DreamBooth (Le et al., ICCV'23) attacker flags, METHODS.md 1.7"
 
     def train(self, ctx: RunContext, model_dir: Path, images: list[Image], instance_prompt: str,
@@ -291,7 +292,8 @@ class LoraDreamBooth(Attack):
     frozen; saves only the adapters (``unet_lora/``, ``text_encoder_lora/``, peft safetensors) + ``train_log.json``."""
 
     Params = LoraDreamBoothParams
-    profiles = {"tiny": {**_TINY, "learning_rate": 1e-3}}
+    profiles = {"tiny": {**_TINY, "learning_rate": 1e-3},
+                "proxy": {**PROXY_FINETUNE, "max_train_steps": 200, "learning_rate": 2e-3}}
     paper = "diffusers train_dreambooth_lora.py; METHODS.md 1.6 (targets, rank) and 5.3 (lr 1e-4)"
 
     def train(self, ctx: RunContext, model_dir: Path, images: list[Image], instance_prompt: str,

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a suite (resumes where an earlier run stopped)")
     r.add_argument("--suite", required=True, help="built-in suite name or path to a .yaml suite")
-    r.add_argument("--profile", default="tiny", help="tiny (CPU, random-weight models) or paper (real SD, GPU)")
+    r.add_argument("--profile", default="tiny", help="tiny (CPU plumbing, seconds), proxy (CPU, text-conditioned models where protection is measurable) or paper (real SD, GPU)")
     r.add_argument("--out", default="runs", help="output folder (cache, ledger, leaderboards)")
     r.add_argument("--data", action="append", metavar="NAME=PATH", help="dataset folder, e.g. vggface2=../shared/data/faces")
     r.add_argument("--executor", default="local", help="local (default) or slurm")

@@ -150,6 +150,31 @@ def render_synthetic(subject_seed: int, index: int, resolution: int) -> np.ndarr
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
+# Words for a synthetic subject's attributes (proxy-model captions, identity-model heads). Colour = the nearest of
+# these hue centres (circular distance) to the subject's body hue.
+SYNTH_COLOURS = (("red", 0.0), ("orange", 30 / 360), ("yellow", 60 / 360), ("green", 120 / 360), ("cyan", 180 / 360),
+                 ("blue", 230 / 360), ("purple", 275 / 360), ("pink", 320 / 360))
+SYNTH_PATTERN_WORDS = {"stripes": "striped", "checker": "checkered", "dots": "dotted", "rings": "ringed"}
+
+
+def synthetic_attributes(subject_seed: int) -> dict[str, Any]:
+    """What ``render_synthetic`` draws for ``subject_seed``: shape, pattern and colour name (with their indices in
+    ``_SHAPES``, ``_PATTERNS``, ``SYNTH_COLOURS``) and the body hue in [0, 1)."""
+    hue = (subject_seed * 0.6180339887) % 1.0
+    colour = min(range(len(SYNTH_COLOURS)), key=lambda k: min(abs(hue - SYNTH_COLOURS[k][1]),
+                                                              1 - abs(hue - SYNTH_COLOURS[k][1])))
+    shape, pattern = subject_seed % len(_SHAPES), (subject_seed // len(_SHAPES)) % len(_PATTERNS)
+    return {"shape": _SHAPES[shape], "shape_index": shape, "pattern": _PATTERNS[pattern], "pattern_index": pattern,
+            "colour": SYNTH_COLOURS[colour][0], "colour_index": colour, "hue": hue}
+
+
+def synthetic_caption(subject_seed: int, class_noun: str = "toy") -> str:
+    """"a photo of a(n) {colour} {pattern} {shape} {class_noun}", e.g. "a photo of a red striped circle toy"."""
+    a = synthetic_attributes(subject_seed)
+    article = "an" if a["colour"][0] in "aeiou" else "a"
+    return f"a photo of {article} {a['colour']} {SYNTH_PATTERN_WORDS[a['pattern']]} {a['shape']} {class_noun}"
+
+
 @dataclass(frozen=True)
 class SyntheticImage:
     """A synthetic source: rendered on demand by ``render_synthetic``."""

@@ -16,15 +16,23 @@ from bench.store import atomic_write_text, stable_hash
 GROUP = ["dataset", "defense", "scenario", "attack"]
 
 
+def _record(c: dict, keys: list[str]) -> dict:
+    rec = {k: c[k] for k in keys}
+    rec.update(status=c["status"], config_hash=c["provenance"].get("config_hash", ""),
+               code_rev=c["provenance"].get("code_rev", ""))
+    for pid, v in c["metrics"].items():
+        rec[pid] = v if v is not None and not (isinstance(v, float) and math.isnan(v)) else math.nan
+    return rec
+
+
+def cells_frame(cells: list[dict]) -> pd.DataFrame:
+    """One row per cell (subject and seed kept), a column per metric protocol id: what paired comparisons need
+    (e.g. a defense vs random noise, subject by subject)."""
+    return pd.DataFrame.from_records([_record(c, GROUP + ["subject", "seed"]) for c in cells])
+
+
 def leaderboard_frame(cells: list[dict]) -> pd.DataFrame:
-    records = []
-    for c in cells:
-        rec = {k: c[k] for k in GROUP}
-        rec.update(status=c["status"], config_hash=c["provenance"].get("config_hash", ""),
-                   code_rev=c["provenance"].get("code_rev", ""))
-        for pid, v in c["metrics"].items():
-            rec[pid] = v if v is not None and not (isinstance(v, float) and math.isnan(v)) else math.nan
-        records.append(rec)
+    records = [_record(c, GROUP) for c in cells]
     if not records:
         return pd.DataFrame(columns=GROUP + ["n", "n_failed"])
     df = pd.DataFrame.from_records(records)

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ class TinyVariant:
     head_dim: int
     text_hidden: int
     text_layers: int
-    vae_channels: tuple[int, int, int, int]
+    vae_channels: tuple[int, ...]  # one down/up block each: 4 blocks = KL-f8 (SD), 3 = f4
     seed_offset: int
 
 
@@ -102,28 +103,60 @@ TINY_VARIANTS: dict[str, TinyVariant] = {
                      text_layers=2, vae_channels=(16, 32, 32, 48), seed_offset=7919),
 }
 
-# Defaults of ``prepare_tiny``'s ``pretrain`` dict; the tiny profile may override any of them.
+# The proxy scale (DESIGN.md "profile"): text-conditioned small models in which personalisation is real on a CPU.
+# Same classes and the same 8x8x4 latents as tiny, but at 32 px through a KL-f4 VAE (12x compression): measured, a
+# KL-f8 VAE at 64 px (SD's 48x) trained for the minutes a CPU allows loses the synthetic subjects' colours (held-out
+# reconstruction MSE 0.064, every hue drawn orange or cyan), the f4 one at 32 px keeps them (0.043 after 400 steps).
+# Trained longer on captioned subjects: see PROXY_PRETRAIN in bench/profiles.py.
+PROXY_VARIANTS: dict[str, TinyVariant] = {
+    "a": TinyVariant(unet_channels=(32, 64), unet_groups=16, unet_layers=1, head_dim=8, text_hidden=32,
+                     text_layers=2, vae_channels=(16, 32, 32), seed_offset=0),
+    "b": TinyVariant(unet_channels=(48, 64), unet_groups=16, unet_layers=1, head_dim=16, text_hidden=48,
+                     text_layers=2, vae_channels=(16, 32, 48), seed_offset=7919),
+}
+MODEL_FAMILIES: dict[str, dict[str, TinyVariant]] = {"tiny": TINY_VARIANTS, "proxy": PROXY_VARIANTS}
+
+# Defaults of a built model's ``pretrain`` dict; a profile's ``pretrain`` may override any of them.
 PRETRAIN_DEFAULTS: dict[str, Any] = {
     "vae_steps": 100,  # autoencoder steps (reconstruction + tiny KL)
-    "unet_steps": 200,  # denoising steps on "a photo of a {class_noun}"
+    "unet_steps": 200,  # denoising steps
     "batch_size": 8,
     "lr": 1e-3,  # AdamW, for both phases
+    "vae_lr": None,  # None: lr
+    "vae_batch_size": None,  # None: batch_size
     "kl_weight": 1e-6,  # LDM's KL weight for KL-f8 autoencoders
     "train_text_encoder": True,
     "num_subjects": 48,  # synthetic subjects with seeds 1000.. (evaluation subjects use small seeds)
     "images_per_subject": 4,
     "class_noun": "toy",  # the synthetic dataset's class noun
+    # "class": every caption is "a photo of a {class_noun}"; "attributes": each subject's synthetic_caption
+    # ("a photo of a red striped star toy"), with caption_dropout empty captions (classifier-free guidance) and
+    # class_caption_rate class-only captions (the prior that DreamBooth's class prompt asks for)
+    "captions": "class",
+    "caption_dropout": 0.0,
+    "class_caption_rate": 0.0,
+    "warmup_steps": 0,  # linear learning-rate warm-up of the denoising phase
+    "max_grad_norm": 0.0,  # 0: no clipping
+    "ema_decay": 0.0,  # > 0: save an exponential moving average of the denoising phase's weights (as SD did)
 }
 PRETRAIN_SEED_BASE = 1000
 
 
+def builtin_family(ref: str) -> str | None:
+    """``"tiny:a"`` -> ``"tiny"``, ``"proxy:b"`` -> ``"proxy"``; None for a checkpoint reference."""
+    family = ref.split(":", 1)[0] if ":" in ref else None
+    return family if family in MODEL_FAMILIES else None
+
+
 def tiny_variant(ref: str) -> str | None:
-    """``"tiny:a"`` -> ``"a"``; None for any other reference."""
-    if not ref.startswith("tiny:"):
+    """``"tiny:a"`` -> ``"a"`` (likewise ``proxy:``); None for any other reference."""
+    family = builtin_family(ref)
+    if family is None:
         return None
     name = ref.split(":", 1)[1]
-    if name not in TINY_VARIANTS:
-        raise ModelUnavailable(f"unknown tiny model {ref!r}; known: {', '.join('tiny:' + k for k in TINY_VARIANTS)}")
+    variants = MODEL_FAMILIES[family]
+    if name not in variants:
+        raise ModelUnavailable(f"unknown {family} model {ref!r}; known: {', '.join(f'{family}:' + k for k in variants)}")
     return name
 
 
@@ -148,13 +181,14 @@ def _build_modules(v: TinyVariant, resolution: int, seed: int):
         num_hidden_layers=v.text_layers, num_attention_heads=4, max_position_embeddings=77, projection_dim=v.text_hidden,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu"))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=v.vae_channels,
+    blocks = len(v.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=v.vae_channels,
                         layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=resolution,
                         scaling_factor=0.18215)
     torch.manual_seed(seed + 2)
     n = len(v.unet_channels)
-    unet = UNet2DConditionModel(sample_size=resolution // 8, in_channels=4, out_channels=4,
+    unet = UNet2DConditionModel(sample_size=resolution // 2 ** (blocks - 1), in_channels=4, out_channels=4,
                                 down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
                                 block_out_channels=v.unet_channels, layers_per_block=v.unet_layers,
                                 norm_num_groups=v.unet_groups, cross_attention_dim=v.text_hidden,
@@ -162,29 +196,35 @@ def _build_modules(v: TinyVariant, resolution: int, seed: int):
     return text_encoder, vae, unet
 
 
-def _pretrain_images(p: dict[str, Any], resolution: int) -> torch.Tensor:
+def _pretrain_images(p: dict[str, Any], resolution: int) -> tuple[torch.Tensor, list[int]]:
+    """The pre-training images (subjects ``PRETRAIN_SEED_BASE``.., ``images_per_subject`` each) and their seeds."""
     from bench.datasets import render_synthetic
     from bench.diffusion import to_tensor
 
-    images = [render_synthetic(PRETRAIN_SEED_BASE + s, i, resolution)
-              for s in range(int(p["num_subjects"])) for i in range(int(p["images_per_subject"]))]
-    return to_tensor(images)
+    seeds = [PRETRAIN_SEED_BASE + s for s in range(int(p["num_subjects"])) for _ in range(int(p["images_per_subject"]))]
+    per = int(p["images_per_subject"])
+    return to_tensor([render_synthetic(seed, k % per, resolution) for k, seed in enumerate(seeds)]), seeds
 
 
 def _check_pretrain(pretrain: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(pretrain) - set(PRETRAIN_DEFAULTS))
     if unknown:
-        raise ValueError(f"tiny_pretrain: unknown key(s) {unknown}; known: {sorted(PRETRAIN_DEFAULTS)}")
-    return {**PRETRAIN_DEFAULTS, **pretrain}
+        raise ValueError(f"pretrain: unknown key(s) {unknown}; known: {sorted(PRETRAIN_DEFAULTS)}")
+    p = {**PRETRAIN_DEFAULTS, **pretrain}
+    if p["captions"] not in ("class", "attributes"):
+        raise ValueError(f"pretrain: captions must be 'class' or 'attributes', got {p['captions']!r}")
+    if not 0 <= p["caption_dropout"] + p["class_caption_rate"] <= 1:
+        raise ValueError("pretrain: caption_dropout + class_caption_rate must be in [0, 1]")
+    return p
 
 
 def _pretrain_vae(vae, x: torch.Tensor, p: dict[str, Any], gen: torch.Generator) -> list[float]:
     """Autoencoder phase: MSE reconstruction (in [-1, 1]) + kl_weight * KL to N(0, I), per LDM's KL-f8 VAE."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=p["lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=p["vae_lr"] or p["lr"], weight_decay=0.0)
     losses = []
     vae.train()
     for _ in range(int(p["vae_steps"])):
-        batch = x[torch.randint(0, len(x), (int(p["batch_size"]),), generator=gen)]
+        batch = x[torch.randint(0, len(x), (int(p["vae_batch_size"] or p["batch_size"]),), generator=gen)]
         post = vae.encode(batch).latent_dist
         recon = vae.decode(post.sample(generator=gen)).sample
         loss = torch.nn.functional.mse_loss(recon, batch) + p["kl_weight"] * post.kl().mean()
@@ -204,62 +244,123 @@ def _latent_scale(vae, x: torch.Tensor) -> float:
     return round(1.0 / max(std, 1e-6), 5)
 
 
-def _pretrain_unet(unet, text_encoder, tokenizer, vae, scheduler, x: torch.Tensor, p: dict[str, Any],
-                   gen: torch.Generator) -> list[float]:
-    """Denoising phase on captions "a photo of a {class_noun}" (METHODS.md 1.2 loss), VAE frozen."""
+class _Captions:
+    """Per-sample captions of the denoising phase: the class caption for every sample ("class"), or each image's
+    subject caption with caption dropout and class-only captions drawn per sample ("attributes")."""
+
+    def __init__(self, p: dict[str, Any], seeds: list[int]) -> None:
+        from bench.datasets import synthetic_caption
+
+        self.p = p
+        self.class_caption = f"a photo of a {p['class_noun']}"
+        self.subject = [synthetic_caption(seed, p["class_noun"]) for seed in seeds]
+
+    def draw(self, idx: torch.Tensor, gen: torch.Generator) -> list[str]:
+        if self.p["captions"] == "class":
+            return [self.class_caption] * len(idx)
+        r = torch.rand(len(idx), generator=gen).tolist()
+        drop, cls = self.p["caption_dropout"], self.p["caption_dropout"] + self.p["class_caption_rate"]
+        return ["" if u < drop else self.class_caption if u < cls else self.subject[int(i)] for u, i in zip(r, idx)]
+
+
+def _pretrain_unet(unet, text_encoder, tokenizer, vae, scheduler, x: torch.Tensor, seeds: list[int],
+                   p: dict[str, Any], gen: torch.Generator) -> tuple[list[float], Any, Any]:
+    """Denoising phase (METHODS.md 1.2 loss), VAE frozen, on ``_Captions``; returns the losses and the UNet and text
+    encoder to save (their EMA when ``ema_decay`` > 0)."""
+    import copy
+
     from bench.diffusion import LatentCache, denoising_loss, encode_prompt
 
     cache = LatentCache(vae, x)
+    captions = _Captions(p, seeds)
     params = list(unet.parameters())
     train_te = bool(p["train_text_encoder"])
     if train_te:
         params += list(text_encoder.parameters())
     text_encoder.requires_grad_(train_te)
     opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0)
-    caption = f"a photo of a {p['class_noun']}"
+    warmup = int(p["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    modules = (unet, text_encoder)
+    ema = tuple(copy.deepcopy(m).requires_grad_(False) for m in modules) if p["ema_decay"] else None
+    frozen: dict[str, torch.Tensor] = {}
+    if not train_te:  # a frozen text encoder: every distinct caption is encoded once
+        texts = sorted({captions.class_caption, "", *captions.subject})
+        with torch.no_grad():
+            frozen = dict(zip(texts, encode_prompt(tokenizer, text_encoder, texts)))
     losses = []
     unet.train()
     text_encoder.train(train_te)
     bs = int(p["batch_size"])
     with torch.set_grad_enabled(True):
-        fixed = None if train_te else encode_prompt(tokenizer, text_encoder, [caption]).detach()
-        for _ in range(int(p["unet_steps"])):
+        for step in range(int(p["unet_steps"])):
             idx = torch.randint(0, len(x), (bs,), generator=gen)
-            emb = fixed if fixed is not None else encode_prompt(tokenizer, text_encoder, [caption])
-            loss = denoising_loss(unet, scheduler, cache.sample(idx, gen), emb.expand(bs, -1, -1), gen)
+            texts = captions.draw(idx, gen)
+            if frozen:
+                emb = torch.stack([frozen[t] for t in texts])
+            elif p["captions"] == "class":
+                emb = encode_prompt(tokenizer, text_encoder, texts[:1]).expand(bs, -1, -1)
+            else:
+                emb = encode_prompt(tokenizer, text_encoder, texts)
+            loss = denoising_loss(unet, scheduler, cache.sample(idx, gen), emb, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if p["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(params, p["max_grad_norm"])
             opt.step()
+            sched.step()
+            if ema is not None:  # diffusers EMAModel's warm-up: decay min(ema_decay, (1 + k) / (10 + k))
+                decay = min(float(p["ema_decay"]), (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for model, avg in zip(modules, ema):
+                        for w, w_avg in zip(model.parameters(), avg.parameters()):
+                            w_avg.lerp_(w, 1.0 - decay)
             losses.append(float(loss.detach()))
+    unet, text_encoder = ema if ema is not None else modules
     unet.eval()
     text_encoder.eval()
-    return losses
+    return losses, unet, text_encoder
 
 
-def prepare_tiny(variant: str, out_dir: Path, pretrain: dict, seed: int, resolution: int = 64) -> None:
-    """Build tiny SD-shaped model ``variant`` ("a"/"b") with seeded random weights, pre-train it briefly and
+def prepare_builtin(ref: str, out_dir: Path, pretrain: dict, seed: int, resolution: int = 64) -> None:
+    """Build model ``ref`` (``tiny:a``, ``proxy:b``, ...): see ``prepare_tiny``."""
+    family = builtin_family(ref)
+    if family is None:
+        raise ModelUnavailable(f"{ref!r} is not a built-in model; known families: {', '.join(MODEL_FAMILIES)}")
+    prepare_tiny(tiny_variant(ref), out_dir, pretrain, seed, resolution, family)
+
+
+def prepare_tiny(variant: str, out_dir: Path, pretrain: dict, seed: int, resolution: int = 64,
+                 family: str = "tiny") -> None:
+    """Build small SD-shaped model ``variant`` ("a"/"b") of ``family`` ("tiny"/"proxy") with seeded random weights, pre-train it briefly and
     deterministically on synthetic images (VAE as an autoencoder, then UNet + text encoder on denoising), and save
     it as a diffusers folder (safetensors) in ``out_dir``. Same arguments -> same weight bytes (CPU).
     ``pretrain`` keys: see ``PRETRAIN_DEFAULTS``; ``resolution`` in pixels (multiple of 8)."""
     from diffusers import StableDiffusionPipeline
 
-    if variant not in TINY_VARIANTS:
-        raise ModelUnavailable(f"unknown tiny model variant {variant!r}; known: {sorted(TINY_VARIANTS)}")
-    if resolution % 8:
-        raise ValueError(f"tiny model resolution must be a multiple of 8, got {resolution}")
+    variants = MODEL_FAMILIES.get(family, {})
+    if variant not in variants:
+        raise ModelUnavailable(f"unknown {family} model variant {variant!r}; known: {sorted(variants)}")
+    v = variants[variant]
+    scale = 2 ** (len(v.vae_channels) - 1)
+    if resolution % (2 * scale):
+        raise ValueError(f"{family} model resolution must be a multiple of {2 * scale}, got {resolution}")
     p = _check_pretrain(dict(pretrain))
-    v = TINY_VARIANTS[variant]
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(out_dir / "_tokenizer_src")
     text_encoder, vae, unet = _build_modules(v, resolution, seed + v.seed_offset)
     scheduler = _sd_scheduler()
     gen = torch.Generator("cpu").manual_seed(seed + v.seed_offset + 3)
-    log: dict[str, Any] = {"variant": variant, "seed": seed, "resolution": resolution, "pretrain": p}
+    log: dict[str, Any] = {"family": family, "variant": variant, "seed": seed, "resolution": resolution, "pretrain": p}
     if p["vae_steps"] or p["unet_steps"]:
-        x = _pretrain_images(p, resolution)
+        start = time.perf_counter()
+        x, seeds = _pretrain_images(p, resolution)
         log["vae_losses"] = _pretrain_vae(vae, x, p, gen)
         vae.register_to_config(scaling_factor=_latent_scale(vae, x))
-        log["unet_losses"] = _pretrain_unet(unet, text_encoder, tokenizer, vae, scheduler, x, p, gen)
+        log["vae_wall_s"] = round(time.perf_counter() - start, 1)
+        log["unet_losses"], unet, text_encoder = _pretrain_unet(unet, text_encoder, tokenizer, vae, scheduler, x,
+                                                                seeds, p, gen)
+        log["wall_s"] = round(time.perf_counter() - start, 1)
     vae.requires_grad_(True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -285,8 +386,8 @@ def _fetch_hint(ref: str) -> str:
 def resolve_model(ref: str, allow_unsafe: bool = False) -> Path:
     """A local diffusers folder, or the cached snapshot of Hugging Face id ``ref``. Never downloads unless the
     environment variable ``BENCH_ALLOW_DOWNLOAD=1`` is set. Raises ModelUnavailable with the fetch command."""
-    if ref.startswith("tiny:"):
-        raise ModelUnavailable(f"{ref!r} is built, not resolved: use bench.models.prepare_tiny")
+    if builtin_family(ref):
+        raise ModelUnavailable(f"{ref!r} is built, not resolved: use bench.models.prepare_builtin")
     local = Path(ref).expanduser()
     if local.is_dir():
         return local.resolve()

@@ -23,6 +23,8 @@ from bench.profiles import Profile
 from bench.store import stable_hash
 from bench.suites import Entry, Suite
 
+BUILT_MODEL_FAMILIES = ("tiny", "proxy")  # bench.models.MODEL_FAMILIES (not imported here: it imports torch)
+
 # Bump a kind's version when its runner's output changes.
 STAGE_VERSIONS = {"model": 1, "protect": 1, "compose": 1, "class_images": 1, "attack": 1, "generate": 1, "sample": 1,
                   "measure": 1}
@@ -100,8 +102,8 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
     def model_stage(role: str) -> str:
         ref = profile.models.get(role, role)  # a profile role, or a model reference itself
         params: dict[str, Any] = {"ref": ref}
-        if ref.startswith("tiny:"):
-            params.update(pretrain=profile.tiny_pretrain, resolution=profile.resolution)
+        if ref.split(":", 1)[0] in BUILT_MODEL_FAMILIES:  # built and pre-trained by the harness (bench/models.py)
+            params.update(pretrain=profile.pretrain, resolution=profile.resolution)
         return b.add("model", params, (), f"model {ref}")
 
     def protect_stage(dspec: dict, dkind: str, roles: tuple[str, ...], subj: dict, seed: int, label: str) -> tuple[str, tuple[str, ...]]:

@@ -37,10 +37,27 @@ class Profile:
     class_prompt: str = "a photo of {class_noun}"
     class_sampler: str = "default"
     class_steps: int = 50
-    tiny_pretrain: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
     expected_weight_sha256: dict[str, dict[str, str]] = field(default_factory=dict)  # model ref -> component -> sha256
     device: str = "auto"
 
+
+# Proxy models (bench/models.py PROXY_VARIANTS) learn text: captioned synthetic subjects (seeds 1000.., disjoint from
+# evaluation subjects), attribute captions "a photo of a red striped star toy", 10% empty (classifier-free guidance),
+# 10% class-only "a photo of a toy" (the DreamBooth prior), EMA weights as SD. Measured in benchmarks/proxy_scale.py.
+PROXY_PRETRAIN: dict[str, Any] = {
+    "vae_steps": 600, "vae_batch_size": 8, "vae_lr": 2e-3, "unet_steps": 2000, "batch_size": 16, "lr": 2e-3,
+    "num_subjects": 192, "images_per_subject": 6,
+    "captions": "attributes", "caption_dropout": 0.1, "class_caption_rate": 0.1, "warmup_steps": 100,
+    "max_grad_norm": 1.0, "ema_decay": 0.999, "train_text_encoder": True,
+}
+
+# Plug-in settings shared at the proxy scale (each plug-in's ``profiles["proxy"]`` starts from these). Budgets (eps)
+# are never changed: every defense keeps its paper budget. The learning rate is the attacker's DreamBooth rate at
+# this scale (the papers' 5e-7 moves 1M-parameter models by nothing); surrogates of white-box defenses train with the
+# attacker's rate, as Anti-DreamBooth pairs its surrogate with its attacker. Measured in benchmarks/proxy_scale.py.
+PROXY_FINETUNE: dict[str, Any] = {"learning_rate": 5e-4, "num_class_images": 16, "mixed_precision": "no"}
+PROXY_CLASS_IMAGES: dict[str, Any] = {"class_sampler": "ddim", "class_steps": 20, "class_guidance": 5.0}
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
@@ -53,7 +70,19 @@ PROFILES: dict[str, Profile] = {
         class_steps=10,
         # Short deterministic pre-training on synthetic subjects (seeds >= 1000, disjoint from evaluation
         # subjects) so that personalisation and its disruption are observable at tiny scale.
-        tiny_pretrain={"vae_steps": 100, "unet_steps": 200, "batch_size": 8, "lr": 1e-3},
+        pretrain={"vae_steps": 100, "unet_steps": 200, "batch_size": 8, "lr": 1e-3},
+        device="cpu",
+    ),
+    "proxy": Profile(
+        name="proxy",
+        resolution=32,
+        models={"default": "proxy:a", "mismatch": "proxy:b"},
+        generation=Generation(sampler="ddim", steps=20, guidance=5.0, n_per_prompt=4,
+                              prompts=("a photo of {identifier} {class_noun}",)),
+        class_prompt="a photo of a {class_noun}",  # the class-only caption the proxy models were pre-trained on
+        class_sampler="ddim",
+        class_steps=20,
+        pretrain=PROXY_PRETRAIN,
         device="cpu",
     ),
     "paper": Profile(

@@ -251,6 +251,7 @@ _BUILTIN_MODULES = (
     "metrics.fidelity",
     "metrics.utility",
     "metrics.watermark",
+    "metrics.subject_identity",
     "bench.datasets",
     "bench.scenarios",
     "bench.executors",

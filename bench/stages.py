@@ -93,9 +93,9 @@ def run_model(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     from bench import models
 
     ref = stage.params["ref"]
-    if ref.startswith("tiny:"):
-        models.prepare_tiny(ref.split(":", 1)[1], ctx.work_dir / "model", stage.params["pretrain"], seed=0,
-                            resolution=stage.params["resolution"])
+    if models.builtin_family(ref):
+        models.prepare_builtin(ref, ctx.work_dir / "model", stage.params["pretrain"], seed=0,
+                               resolution=stage.params["resolution"])
         path = ctx.work_dir / "model"
     else:
         path = models.resolve_model(ref, env.allow_unsafe_weights)

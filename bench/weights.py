@@ -45,6 +45,7 @@ class Weights:
     source: str = ""  # where the fetcher gets them (URL), for the message and `bench weights list`
     fetcher: Callable[[Path], None] | None = None  # kind "files": writes ``files`` into the given folder
     license: str = ""
+    builds_locally: bool = False  # kind "files" made here by ``fetcher`` (no download): built on first use
 
     @property
     def kind(self) -> str:
@@ -55,7 +56,10 @@ class Weights:
         return weights_root() / self.name
 
     def missing(self) -> str | None:
-        """None when present here, else a sentence naming what is missing and the command that fetches it."""
+        """None when present here (or built here on first use), else a sentence naming what is missing and the
+        command that fetches it."""
+        if self.builds_locally:
+            return None
         try:
             self.path()
         except WeightsUnavailable as e:
@@ -68,6 +72,8 @@ class Weights:
             return _hf_snapshot(self.hf_repo, self.name)
         folder = self.folder()
         absent = [f for f in self.files if not (folder / f).is_file()]
+        if absent and self.builds_locally:
+            return self.fetch()
         if absent:
             raise WeightsUnavailable(
                 f"weights {self.name!r} ({self.what}) are not on this machine: missing {', '.join(absent)} in {folder}. "

@@ -4,9 +4,11 @@ unrelated subject is attacked with its own images), for a list of APDM parameter
 
     .venv/bin/python benchmarks/apdm_specificity.py --scale tiny '[{}, {"reduction": "sample", "beta": 1000}]'
     .venv/bin/python benchmarks/apdm_specificity.py --scale medium '[...]'
+    .venv/bin/python benchmarks/apdm_specificity.py --scale proxy '[{}]'
 
 ``tiny`` is tiny:a (0.79M UNet, 64 px, the tests' short pre-training); ``medium`` is a UNet of 64/128/256 channels
-(17.8M, 128 px) pre-trained 300 steps (~6 min on one CPU core, cached in --work). Each line prints the rise of the
+(17.8M, 128 px) pre-trained 300 steps (~6 min on one CPU core, cached in --work); ``proxy`` is proxy:a (the proxy
+profile's text-conditioned model, 32 px) with the proxy profile's DreamBooth and APDM settings. Each line prints the rise of the
 loss over the unhardened model: specific protection means the subject's rise clearly exceeds the unrelated one's.
 Parameters not given take APDM's tiny-profile values.
 """
@@ -28,10 +30,12 @@ from attacks.dreambooth import generate_class_images  # noqa: E402
 from bench import models  # noqa: E402
 from bench.datasets import SyntheticDataset, SyntheticParams, render_synthetic  # noqa: E402
 from bench.plugins import ATTACKS, DEFENSES, RunContext  # noqa: E402
+from bench.profiles import PROFILES  # noqa: E402
 from bench.registry import load_builtins  # noqa: E402
 from tests.conftest import held_out_loss  # noqa: E402
 
 SCALES = {
+    "proxy": ("proxy:a", 32, PROFILES["proxy"].pretrain),
     "tiny": ("a", 64, {"vae_steps": 40, "unet_steps": 80, "batch_size": 8, "num_subjects": 16, "images_per_subject": 4}),
     "medium": ("m", 128, {"vae_steps": 150, "unet_steps": 300, "batch_size": 8, "num_subjects": 16,
                           "images_per_subject": 4}),
@@ -56,23 +60,31 @@ def main() -> None:
     base = work / "base"
     if not (base / "model_index.json").is_file():
         start = time.perf_counter()
-        models.prepare_tiny(variant, base, pretrain, seed=0, resolution=res)
+        if ":" in variant:
+            models.prepare_builtin(variant, base, pretrain, seed=0, resolution=res)
+        else:
+            models.prepare_tiny(variant, base, pretrain, seed=0, resolution=res)
         print(f"pre-trained the {a.scale} model in {time.perf_counter() - start:.0f} s", flush=True)
     subject = SyntheticDataset(SyntheticParams(num_subjects=1)).subjects(None)[0]
     images = subject.load("B", res)
     unrelated = [render_synthetic(UNRELATED_SEED, i, res) for i in range(4)]
 
-    def ctx() -> RunContext:
-        return RunContext(seed=0, device="cpu", profile="tiny", resolution=res, work_dir=work)
+    profile = "proxy" if a.scale == "proxy" else "tiny"
+    gen = PROFILES[profile]
+    class_prompt = gen.class_prompt.format(class_noun="toy")
 
-    attack = ATTACKS.create("dreambooth", {"train_text_encoder": False, "train_batch_size": 1}, profile="tiny")
+    def ctx() -> RunContext:
+        return RunContext(seed=0, device="cpu", profile=profile, resolution=res, work_dir=work)
+
+    attack = ATTACKS.create("dreambooth", {"train_text_encoder": False, "train_batch_size": 1}, profile=profile)
 
     def losses(model: Path, tag: str) -> dict[str, float]:
-        cls = generate_class_images(model, "a photo of toy", attack.params.num_class_images, ctx(), "ddim", 10, 3.0)
+        cls = generate_class_images(model, class_prompt, attack.params.num_class_images, ctx(), gen.class_sampler,
+                                    gen.class_steps, gen.generation.guidance)
         out = {"pre_subject": held_out_loss(model, images), "pre_unrelated": held_out_loss(model, unrelated)}
         for name, imgs in (("subject", images), ("unrelated", unrelated)):
             trained = work / f"attack-{tag}-{name}"
-            attack.train(ctx(), model, imgs, "a photo of sks toy", "a photo of toy", cls, trained)
+            attack.train(ctx(), model, imgs, "a photo of sks toy", class_prompt, cls, trained)
             out[f"post_{name}"] = held_out_loss(model, imgs, trained)
         return out
 
@@ -81,7 +93,7 @@ def main() -> None:
     for i, cfg in enumerate(json.loads(a.configs)):
         start = time.perf_counter()
         out = work / f"hardened-{i}"
-        DEFENSES.create("apdm", cfg, profile="tiny").harden(ctx(), base, subject, out)
+        DEFENSES.create("apdm", cfg, profile=profile).harden(ctx(), base, subject, out)
         got = losses(out, f"h{i}")
         rise = {k: got[k] / ref[k] - 1 for k in got}
         print(f"{json.dumps(cfg)}: before attack subject {rise['pre_subject']:+.1%} unrelated {rise['pre_unrelated']:+.1%}"

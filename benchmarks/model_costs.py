@@ -62,11 +62,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     profile = PROFILES["tiny"]
-    pretrain = {**models.PRETRAIN_DEFAULTS, **profile.tiny_pretrain}
+    pretrain = {**models.PRETRAIN_DEFAULTS, **profile.pretrain}
     work = Path(tempfile.mkdtemp(prefix="model_costs-"))
     rows = []
     for v in args.variants:
-        t = timed(lambda: models.prepare_tiny(v, work / f"tiny-{v}", profile.tiny_pretrain, seed=0,
+        t = timed(lambda: models.prepare_tiny(v, work / f"tiny-{v}", profile.pretrain, seed=0,
                                               resolution=profile.resolution))
         rows.append((f"pre-train tiny:{v} (vae {pretrain['vae_steps']} + unet {pretrain['unet_steps']} steps, "
                      f"batch {pretrain['batch_size']})", t))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from bench import models as bench_models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
+from bench.profiles import PROXY_CLASS_IMAGES, PROXY_FINETUNE
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, save_within_budget
 
@@ -194,6 +195,10 @@ _TINY = {"num_class_images": 4, "class_sampler": "ddim", "class_steps": 10, "cla
 _TINY_FSMG = {**_TINY, "reference_steps": 40, "pgd_steps": 20}
 _TINY_ASPL = {**_TINY, "rounds": 5}
 _ENSEMBLE_TINY = {"models": ("default", "mismatch")}
+# Proxy: the paper's schedules (rounds, PGD steps, eps, alpha) with the proxy attacker's fine-tuning settings; FSMG's
+# reference model is trained like the proxy attacker (its step count, not the paper's 1000).
+_PROXY = {**PROXY_FINETUNE, **PROXY_CLASS_IMAGES}
+_PROXY_FSMG = {**_PROXY, "reference_steps": 200}
 
 
 # ----------------------------------------------------------------------------------------------- loop pieces
@@ -653,7 +658,7 @@ class _FSMGBase(_AntiDreamBooth):
     attacker's hyper-parameters (attacks.dreambooth), then PGD on set_B against the fixed model(s)."""
 
     Params = FSMGParams
-    profiles = {"tiny": _TINY_FSMG}
+    profiles = {"tiny": _TINY_FSMG, "proxy": _PROXY_FSMG}
 
     def _train_reference(self, ctx: RunContext, m: _Model, clean_a: list[Image], class_images: list[Image]) -> dict:
         from attacks.dreambooth import DreamBoothParams, _Run
@@ -731,14 +736,15 @@ class EnsembleFSMG(_FSMGBase):
     Params = EFSMGParams
     ensemble_kind = True
     requires = Requirements(white_box=True, gpu_memory_gb=34.0)  # + 2 resident models (offload_idle_models: 24)
-    profiles = {"tiny": {**_TINY_FSMG, **_ENSEMBLE_TINY, "rounds": 5, "pgd_steps": 4, "reference_steps": 20}}
+    profiles = {"tiny": {**_TINY_FSMG, **_ENSEMBLE_TINY, "rounds": 5, "pgd_steps": 4, "reference_steps": 20},
+                "proxy": {**_PROXY_FSMG, **_ENSEMBLE_TINY}}
 
 
 class _ASPLBase(_AntiDreamBooth):
     """ASPL / T-ASPL / E-ASPL / ASPL-LoRA (METHODS.md 1.4-1.6)."""
 
     Params = ASPLParams
-    profiles = {"tiny": _TINY_ASPL}
+    profiles = {"tiny": _TINY_ASPL, "proxy": _PROXY}
 
     def protect(self, ctx: RunContext, images: list[Image], subject, model_dir: Path | None) -> list[Image]:
         p = self.params
@@ -825,7 +831,7 @@ class EnsembleASPL(_ASPLBase):
     Params = EASPLParams
     ensemble_kind = True
     requires = Requirements(white_box=True, gpu_memory_gb=34.0)  # + 2 resident models (offload_idle_models: 24)
-    profiles = {"tiny": {**_TINY_ASPL, **_ENSEMBLE_TINY, "rounds": 3}}
+    profiles = {"tiny": {**_TINY_ASPL, **_ENSEMBLE_TINY, "rounds": 3}, "proxy": {**_PROXY, **_ENSEMBLE_TINY}}
 
 
 @DEFENSES.register("aspl-lora", version=1)
@@ -836,4 +842,4 @@ class ASPLLoRA(_ASPLBase):
     Params = ASPLLoRAParams
     paper = LORA_PAPER
     requires = Requirements(white_box=True, gpu_memory_gb=17.0)  # 6.4 with gradient_checkpointing + pgd_batch_size 1
-    profiles = {"tiny": {**_TINY, "rounds": 2, "learning_rate": 1e-3}}
+    profiles = {"tiny": {**_TINY, "rounds": 2, "learning_rate": 1e-3}, "proxy": {**_PROXY, "learning_rate": 2e-3}}

@@ -29,6 +29,7 @@ from attacks.dreambooth import _Batches, _check_images, _precision, generate_cla
 from bench import models
 from bench.diffusion import LatentCache, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, RunContext
+from bench.profiles import PROXY_CLASS_IMAGES
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,9 @@ class APDM(Defense):
     # Tiny: 10 x 4 iterations at lr 1e-3 and beta 100 (the reference's argparse default): measured on tiny:a, this
     # raises the subject's held-out loss after the tiny DreamBooth attack by ~3%; at beta 1 there is no effect.
     profiles = {"tiny": {"outer_iterations": 10, "inner_iterations": 4, "learning_rate": 1e-3, "beta": 100.0,
-                         "num_class_images": 4, "class_steps": 10, "class_sampler": "ddim", "class_guidance": 3.0}}
+                         "num_class_images": 4, "class_steps": 10, "class_sampler": "ddim", "class_guidance": 3.0},
+                "proxy": {"outer_iterations": 20, "inner_iterations": 4, "learning_rate": 5e-4, "beta": 100.0,
+                          "num_class_images": 16, **PROXY_CLASS_IMAGES}}
     paper = "Lee et al., NeurIPS'25, arXiv 2511.01307; KU-VGI/APDM @9df1aac (METHODS.md 2)"
 
     def budget_255(self) -> float | None:

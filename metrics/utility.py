@@ -112,7 +112,8 @@ class SamplingParams:
 
 class _UtilityMetric(Metric):
     target = "model"
-    profiles = {"tiny": {"sampler": "ddim", "steps": 10, "guidance": 3.0}}
+    profiles = {"tiny": {"sampler": "ddim", "steps": 10, "guidance": 3.0},
+                "proxy": {"sampler": "ddim", "steps": 20, "guidance": 5.0}}
 
     def sampling(self) -> dict:
         p = self.params

@@ -93,3 +93,36 @@ def held_out_loss(model_dir: Path, images: list, trained: Path | None = None,
         t = torch.randint(200, 1000, (len(idx),), generator=torch.Generator().manual_seed(103))
         emb = encode_prompt(c.tokenizer, c.text_encoder, [prompt]).expand(len(idx), -1, -1)
         return float(denoising_loss(c.unet, c.noise_scheduler, latents, emb, None, timesteps=t, noise=noise))
+
+
+def caption_losses(model: Path, seeds: list[int], resolution: int, repeats: int = 8) -> dict:
+    """Per-draw denoising losses of held-out subjects' images under their own caption, another subject's caption,
+    the empty caption and the class caption, with the same (t, eps, VAE sample) draws; also returns t."""
+    import torch
+
+    from bench import models
+    from bench.datasets import SyntheticDataset, SyntheticParams, synthetic_caption
+    from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
+
+    c = models.load_components(model)
+    images = [im for s in seeds for im in SyntheticDataset(SyntheticParams(num_subjects=max(seeds) + 1))
+              .subjects(None)[s].load("A", resolution)]
+    owner = [s for s in seeds for _ in range(len(images) // len(seeds))]
+    cache = LatentCache(c.vae, to_tensor(images))
+    gen = torch.Generator().manual_seed(7)
+    out: dict[str, list] = {"match": [], "mismatch": [], "empty": [], "class": [], "t": []}
+    captions = {
+        "match": [synthetic_caption(s) for s in owner],
+        # another subject 7 seeds on: a different shape and a hue 0.33 turns away (seed + 8 would keep shape and hue)
+        "mismatch": [synthetic_caption(seeds[(seeds.index(s) + 7) % len(seeds)]) for s in owner],
+        "empty": [""] * len(owner), "class": ["a photo of a toy"] * len(owner)}
+    with torch.no_grad():
+        emb = {k: encode_prompt(c.tokenizer, c.text_encoder, v) for k, v in captions.items()}
+        for _ in range(repeats):
+            z = cache.sample(torch.arange(len(images)), gen)
+            t = torch.randint(0, 1000, (len(images),), generator=gen)
+            eps = torch.randn(z.shape, generator=gen)
+            out["t"].append(t)
+            for k in captions:
+                out[k].append(denoising_loss(c.unet, c.noise_scheduler, z, emb[k], None, t, eps, per_sample=True)[1])
+    return {k: torch.cat(v).numpy() for k, v in out.items()}

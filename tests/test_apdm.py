@@ -205,7 +205,9 @@ def test_hardened_model_resists_dreambooth(attacked):
                    "ignores the prompt and every synthetic toy shifts alike (measured: subject +3.1%, unrelated +3.3%; "
                    "before the attack +60.9% vs +60.9%; with real-image positives (positives_dir, other synthetic "
                    "subjects) +70.7% vs +71.0%; DreamBooth on the unrelated subject instead: +3.1%). A 17.8M UNet at 128 px starts to "
-                   "separate them (+62.5% vs +42.7% before, +3.5% vs +2.8% after the attack): benchmarks/apdm_specificity.py")
+                   "separate them (+62.5% vs +42.7% before, +3.5% vs +2.8% after the attack); so does the text-conditioned "
+                   "proxy:a (+63.5% vs +25.7% before the attack) but after the attacker's DreamBooth the rises are equal "
+                   "(+4.5% vs +4.9%; beta 1000: the same): benchmarks/apdm_specificity.py --scale proxy")
 def test_protection_is_subject_specific_at_tiny_scale(attacked):
     subject_rise = attacked["hard_subject"] / attacked["base_subject"] - 1
     unrelated_rise = attacked["hard_unrelated"] / attacked["base_unrelated"] - 1
