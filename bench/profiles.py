@@ -44,7 +44,10 @@ class Profile:
 
 # Proxy models (bench/models.py PROXY_VARIANTS) learn text: captioned synthetic subjects (seeds 1000.., disjoint from
 # evaluation subjects), attribute captions "a photo of a red striped star toy", 10% empty (classifier-free guidance),
-# 10% class-only "a photo of a toy" (the DreamBooth prior), EMA weights as SD. Measured in benchmarks/proxy_scale.py.
+# 10% class-only "a photo of a toy" (the DreamBooth prior), EMA weights as SD. Measured (benchmarks/proxy_scale.py,
+# proxy:a): the matching caption's denoising loss is 28% below another subject's at t >= 600 (9% over all t), 88% of
+# generations from a held-out subject's caption show its colour; DreamBooth then makes 100% of "sks toy" generations
+# identifiable among 10 subjects (0-25% before). Build: ~7 min (proxy:a) / ~9 min (proxy:b) on one core.
 PROXY_PRETRAIN: dict[str, Any] = {
     "vae_steps": 600, "vae_batch_size": 8, "vae_lr": 2e-3, "unet_steps": 2000, "batch_size": 16, "lr": 2e-3,
     "num_subjects": 192, "images_per_subject": 6,

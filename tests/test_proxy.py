@@ -167,3 +167,10 @@ def test_advdm_protects_more_than_noise_of_its_budget_end_to_end(proxy_cache, tm
     ism = "subject-ism/synthid-v1/ref=AB"
     diff = df.loc["advdm", ism] - df.loc["noise", ism]
     assert diff.mean() < -0.08, f"AdvDM - noise ISM per subject: {diff.to_dict()}"
+
+
+@pytest.mark.parametrize("suite", ["robustness", "smoke", "proxy-protection"])
+@pytest.mark.parametrize("profile", ["tiny", "proxy"])
+def test_built_in_suites_plan_on_both_cpu_profiles(suite, profile, capsys):
+    assert main(["validate", suite, "--profile", profile]) == 0
+    assert "cells:" in capsys.readouterr().out
