@@ -5,6 +5,9 @@ Model references are strings (MODELS.md: ids are configuration, never constants 
 - ``tiny:a`` / ``tiny:b``: two distinct Stable-Diffusion-shaped variants with random, briefly pre-trained weights
   (DEPENDENCIES.md "A Stable-Diffusion-shaped pipeline with no downloaded weights"); different channels and
   init seeds, so that "model mismatch" exists at tiny scale. Built by :func:`prepare_tiny`.
+- ``proxy:a`` / ``proxy:b``: text-conditioned 32 px variants (KL-f4 VAE) pre-trained on attribute captions of
+  synthetic subjects, so that personalisation and protection are measurable on a CPU (``PROXY_VARIANTS``).
+  Built by :func:`prepare_builtin`, like every ``family:variant`` reference.
 - a Hugging Face id (``owner/name``): the local HF cache snapshot, never downloaded at run time unless
   ``BENCH_ALLOW_DOWNLOAD=1``.
 - a local folder in diffusers layout.
