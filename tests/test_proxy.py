@@ -163,7 +163,7 @@ def test_advdm_protects_more_than_noise_of_its_budget_end_to_end(proxy_cache, tm
     from bench.ledger import Ledger
 
     df = cells_frame(Ledger(out / "ledger.sqlite").cells("proxy-protect")).set_index(["defense", "subject"])
-    assert df["linf"].max() <= 16
+    assert df["linf/255/protected-vs-clean"].max() <= 16
     ism = "subject-ism/synthid-v1/ref=AB"
     diff = df.loc["advdm", ism] - df.loc["noise", ism]
     assert diff.mean() < -0.08, f"AdvDM - noise ISM per subject: {diff.to_dict()}"
