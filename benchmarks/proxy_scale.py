@@ -29,11 +29,11 @@ import torch  # noqa: E402
 
 from bench import models  # noqa: E402
 from bench.datasets import SyntheticDataset, SyntheticParams, synthetic_attributes, synthetic_caption  # noqa: E402
-from bench.plugins import ATTACKS, RunContext  # noqa: E402
+from bench.plugins import ATTACKS  # noqa: E402
 from bench.profiles import PROFILES  # noqa: E402
 from bench.registry import load_builtins  # noqa: E402
 from metrics import subject_identity as S  # noqa: E402
-from tests.conftest import caption_losses  # noqa: E402
+from tests.conftest import caption_losses, personalisation_scores  # noqa: E402
 
 PROFILE = PROFILES["proxy"]
 RES = PROFILE.resolution
@@ -113,36 +113,12 @@ def section_personalise(work: Path, n_subjects: int, steps: int | None, lr: floa
     model = model_dir(work)
     given = {k: v for k, v in (("max_train_steps", steps), ("learning_rate", lr)) if v is not None}
     attack = ATTACKS.create("dreambooth", given, profile="proxy")
-    from attacks.dreambooth import generate_class_images
-
     subjects = SyntheticDataset(SyntheticParams(num_subjects=n_subjects)).subjects(None)
-    ctx = RunContext(seed=0, device="cpu", profile="proxy", resolution=RES, work_dir=work)
-    class_prompt = PROFILE.class_prompt.format(class_noun="toy")
-    instance = PROFILE.instance_prompt.format(identifier=PROFILE.identifier, class_noun="toy")
-    cls = generate_class_images(model, class_prompt, attack.params.num_class_images, ctx, PROFILE.class_sampler,
-                                PROFILE.class_steps, PROFILE.generation.guidance)
-    g = PROFILE.generation
-    base = models.load_pipeline(model, "cpu", g.sampler)
-    from bench.plugins import METRICS, MetricInputs
-
-    ism, idr = METRICS.create("subject-ism"), METRICS.create("subject-idr")
-    rows = []
-    for subject in subjects:
-        start = time.perf_counter()
-        trained = work / f"personalise-{subject.id}"
-        attack.train(ctx, model, subject.load("B", RES), instance, class_prompt, cls, trained)
-        train_s = time.perf_counter() - start
-        after = [im for _, im in models.generate(attack.load_pipeline(model, trained, "cpu"), [instance], 8, g.steps,
-                                                 g.guidance, 0, RES)]
-        before = [im for _, im in models.generate(base, [instance], 8, g.steps, g.guidance, 0, RES)]
-        row = {}
-        for tag, imgs in (("before", before), ("after", after)):
-            inputs = MetricInputs(subject=subject, resolution=RES, generated=imgs)
-            row[tag] = (ism.compute(inputs), idr.compute(inputs))
-        rows.append(row)
-        print(f"{subject.id}: ISM {row['before'][0]:.3f} -> {row['after'][0]:.3f}, identified among 10 "
+    rows = personalisation_scores(model, subjects, work, attack)
+    for row in rows:
+        print(f"{row['subject']}: ISM {row['before'][0]:.3f} -> {row['after'][0]:.3f}, identified among 10 "
               f"{row['before'][1]:.2f} -> {row['after'][1]:.2f} (DreamBooth {attack.params.max_train_steps} steps "
-              f"lr {attack.params.learning_rate:g}: {train_s:.0f} s)", flush=True)
+              f"lr {attack.params.learning_rate:g}: {row['train_s']:.0f} s)", flush=True)
     for k, name in ((0, "ISM"), (1, "identification rate")):
         m, lo, hi = t_interval([r["after"][k] - r["before"][k] for r in rows])
         print(f"{name}: mean after {np.mean([r['after'][k] for r in rows]):.3f}, rise {m:+.3f} [{lo:+.3f}, {hi:+.3f}]")

@@ -166,6 +166,7 @@ class IdentityModel:
         self.net.load_state_dict(load_file(str(folder / "model.safetensors")))
         self.net.eval()
         self.torch = torch
+        self.folder = str(folder)
 
     def _raw(self, images: list[Image], what: str):
         from bench.diffusion import to_tensor
@@ -212,7 +213,7 @@ def reference_embedding(model: IdentityModel, images: list[Image]) -> np.ndarray
 
 
 def subject_reference(model: IdentityModel, subject) -> np.ndarray:
-    key = ("subject", subject.key(), subject.fingerprint())
+    key = (model.folder, "subject", subject.key(), subject.fingerprint())
     if key not in _REFS:
         images = [im for split in ("A", "B") for im in subject.load(split, INPUT_PX)]
         _REFS[key] = reference_embedding(model, images)
@@ -223,7 +224,7 @@ def distractor_references(model: IdentityModel, n: int) -> np.ndarray:
     """(n, dim) mean references of the fixed distractor subjects ``DISTRACTOR_SEED_BASE + k``."""
     from bench.datasets import render_synthetic
 
-    key = ("distractors", n)
+    key = (model.folder, "distractors", n)
     if key not in _REFS:
         _REFS[key] = np.stack([reference_embedding(model, [render_synthetic(DISTRACTOR_SEED_BASE + k, i, INPUT_PX)
                                                            for i in range(DISTRACTOR_IMAGES)]) for k in range(n)])

@@ -126,3 +126,41 @@ def caption_losses(model: Path, seeds: list[int], resolution: int, repeats: int 
             for k in captions:
                 out[k].append(denoising_loss(c.unet, c.noise_scheduler, z, emb[k], None, t, eps, per_sample=True)[1])
     return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def personalisation_scores(model: Path, subjects: list, work: Path, attack, n_images: int = 8) -> list[dict]:
+    """The proxy profile's DreamBooth (``attack``) on each subject's clean set_B, and the synthetic identity metrics
+    (subject-ism, subject-idr) of "a photo of sks toy" generations before (base model, generated once) and after:
+    [{"subject", "before": (ism, idr), "after": (ism, idr), "train_s"}]."""
+    import time
+
+    from attacks.dreambooth import generate_class_images
+    from bench import models
+    from bench.plugins import METRICS, MetricInputs, RunContext
+    from bench.profiles import PROFILES
+
+    p, g = PROFILES["proxy"], PROFILES["proxy"].generation
+    ctx = RunContext(seed=0, device="cpu", profile="proxy", resolution=p.resolution, work_dir=work)
+    class_prompt = p.class_prompt.format(class_noun="toy")
+    instance = p.instance_prompt.format(identifier=p.identifier, class_noun="toy")
+    cls = generate_class_images(model, class_prompt, attack.params.num_class_images, ctx, p.class_sampler,
+                                p.class_steps, g.guidance)
+    metrics = (METRICS.create("subject-ism"), METRICS.create("subject-idr"))
+
+    def images(pipe) -> list:
+        return [im for _, im in models.generate(pipe, [instance], n_images, g.steps, g.guidance, 0, p.resolution)]
+
+    def scores(subject, imgs) -> tuple[float, float]:
+        inputs = MetricInputs(subject=subject, resolution=p.resolution, generated=imgs)
+        return tuple(m.compute(inputs) for m in metrics)
+
+    base = images(models.load_pipeline(model, "cpu", g.sampler))
+    rows = []
+    for subject in subjects:
+        start = time.perf_counter()
+        attack.train(ctx, model, subject.load("B", p.resolution), instance, class_prompt, cls, work / subject.id)
+        train_s = time.perf_counter() - start
+        after = images(attack.load_pipeline(model, work / subject.id, "cpu"))
+        rows.append({"subject": subject.id, "before": scores(subject, base), "after": scores(subject, after),
+                     "train_s": train_s})
+    return rows

@@ -13,10 +13,10 @@ import pytest
 from bench import models
 from bench.cli import main
 from bench.datasets import SyntheticDataset, SyntheticParams, synthetic_attributes, synthetic_caption
-from bench.plugins import ATTACKS, METRICS, MetricInputs, RunContext
+from bench.plugins import ATTACKS
 from bench.profiles import PROFILES
 from metrics import subject_identity as S
-from tests.conftest import caption_losses, write_suite
+from tests.conftest import caption_losses, personalisation_scores, write_suite
 
 PROXY = PROFILES["proxy"]
 RES = PROXY.resolution
@@ -117,27 +117,10 @@ def test_generations_show_the_captioned_attributes(proxy_a):
 def test_dreambooth_personalises_a_held_out_subject(proxy_a, tmp_path):
     """The harness's DreamBooth at its proxy settings on a clean held-out subject: generations of "a photo of sks toy"
     are identified as the subject among 10 candidates, and the identity score rises well above the base model's."""
-    from attacks.dreambooth import generate_class_images
-
-    attack = ATTACKS.create("dreambooth", {}, profile="proxy")
-    ctx = RunContext(seed=0, device="cpu", profile="proxy", resolution=RES, work_dir=tmp_path)
-    class_prompt = PROXY.class_prompt.format(class_noun="toy")
-    instance = PROXY.instance_prompt.format(identifier=PROXY.identifier, class_noun="toy")
-    cls = generate_class_images(proxy_a, class_prompt, attack.params.num_class_images, ctx, PROXY.class_sampler,
-                                PROXY.class_steps, PROXY.generation.guidance)
-    g = PROXY.generation
-    ism, idr = METRICS.create("subject-ism"), METRICS.create("subject-idr")
-    base = [im for _, im in models.generate(models.load_pipeline(proxy_a, "cpu", g.sampler), [instance], 8, g.steps,
-                                            g.guidance, 0, RES)]
-    for subject in SyntheticDataset(SyntheticParams(num_subjects=2)).subjects(None):
-        attack.train(ctx, proxy_a, subject.load("B", RES), instance, class_prompt, cls, tmp_path / subject.id)
-        pipe = attack.load_pipeline(proxy_a, tmp_path / subject.id, "cpu")
-        after = [im for _, im in models.generate(pipe, [instance], 8, g.steps, g.guidance, 0, RES)]
-        got = {k: (ism.compute(MetricInputs(subject=subject, resolution=RES, generated=imgs)),
-                   idr.compute(MetricInputs(subject=subject, resolution=RES, generated=imgs)))
-               for k, imgs in (("before", base), ("after", after))}
-        assert got["after"][1] >= 0.8, f"{subject.id}: identified in {got['after'][1]:.0%} of generations ({got})"
-        assert got["after"][0] > got["before"][0] + 0.3, f"{subject.id}: {got}"
+    subjects = SyntheticDataset(SyntheticParams(num_subjects=2)).subjects(None)
+    for got in personalisation_scores(proxy_a, subjects, tmp_path, ATTACKS.create("dreambooth", {}, profile="proxy")):
+        assert got["after"][1] >= 0.8, f"identified in {got['after'][1]:.0%} of generations ({got})"
+        assert got["after"][0] > got["before"][0] + 0.3, got
 
 
 PROTECT = """
