@@ -68,6 +68,37 @@ def tiny_model_a(warm_models) -> Path:
     raise AssertionError("warm_models has no tiny:a")
 
 
+PROXY_WARM = """
+name: warm-proxy
+datasets: [{name: synthetic, num_subjects: 1}]
+defenses: [none]
+scenarios: [clean]
+attacks: [{name: dreambooth, max_train_steps: 1}]
+metrics: [linf]
+seeds: [0]
+"""
+
+
+@pytest.fixture(scope="session")
+def proxy_cache(tmp_path_factory) -> Path:
+    """proxy:a built once (shared by every proxy-scale test file), as the harness builds it (a `model` stage of `bench run --profile proxy`)."""
+    from bench.cli import main
+
+    d = tmp_path_factory.mktemp("proxy")
+    assert main(["run", "--suite", str(write_suite(d, PROXY_WARM)), "--profile", "proxy", "--out", str(d / "out")]) == 0
+    return d / "out" / "cache" / "model"
+
+
+@pytest.fixture(scope="session")
+def proxy_a(proxy_cache) -> Path:
+    import json
+
+    for stage in proxy_cache.iterdir():
+        if json.loads((stage / "done.json").read_text())["params"]["ref"] == "proxy:a":
+            return stage / "model"
+    raise AssertionError("no proxy:a model stage")
+
+
 def held_out_loss(model_dir: Path, images: list, trained: Path | None = None,
                   prompt: str = "a photo of sks toy") -> float:
     """Denoising loss of ``images`` under ``prompt`` with fixed draws no training run uses (VAE sample, eps, t in

@@ -24,33 +24,6 @@ RES = PROXY.resolution
 TEXT_GAP_HIGH_NOISE = 0.15  # measured: matching caption 28% below a mismatched one at t >= 600 (10% over all t)
 COLOUR_ACCURACY = 0.7  # measured: 84% of generations show the captioned colour (32 held-out subjects)
 
-WARM = """
-name: warm-proxy
-datasets: [{name: synthetic, num_subjects: 1}]
-defenses: [none]
-scenarios: [clean]
-attacks: [{name: dreambooth, max_train_steps: 1}]
-metrics: [linf]
-seeds: [0]
-"""
-
-
-@pytest.fixture(scope="session")
-def proxy_cache(tmp_path_factory) -> Path:
-    """proxy:a built once, as the harness builds it (a `model` stage of `bench run --profile proxy`)."""
-    d = tmp_path_factory.mktemp("proxy")
-    assert main(["run", "--suite", str(write_suite(d, WARM)), "--profile", "proxy", "--out", str(d / "out")]) == 0
-    return d / "out" / "cache" / "model"
-
-
-@pytest.fixture(scope="session")
-def proxy_a(proxy_cache) -> Path:
-    for stage in proxy_cache.iterdir():
-        if json.loads((stage / "done.json").read_text())["params"]["ref"] == "proxy:a":
-            return stage / "model"
-    raise AssertionError("no proxy:a model stage")
-
-
 def test_proxy_build_is_deterministic_and_captioned(tmp_path):
     """The proxy code path (attribute captions, caption dropout, warm-up, clipping, EMA) on a micro schedule: the same
     arguments give the same weight bytes, and the captions are the subjects' attributes."""
