@@ -180,3 +180,14 @@ def test_bench_list_and_validate_exit_codes(capsys):
     assert main(["run", "--suite", "smoke", "--data", "vggface2=/nonexistent/faces"]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert main(["list", "defences"]) == 2
+
+
+def test_robustness_suite_names_every_registered_defense():
+    """robustness lists its defenses explicitly (so that one whose paper budget needs missing weights can name its
+    alternative per profile); a newly registered defense must be added there."""
+    from bench.plugins import DEFENSES
+    from bench.suites import load_suite
+
+    suite = load_suite("robustness", "tiny")
+    registered = {n for n, cls in DEFENSES.items() if not getattr(cls, "test_only", False)}
+    assert registered <= {d.name for d in suite.defenses}
