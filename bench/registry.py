@@ -241,11 +241,13 @@ class Registry(Generic[P]):
 _BUILTIN_MODULES = (
     "defenses.baselines",
     "defenses.apdm",
+    "defenses.persguard",
     "defenses.anti_dreambooth",
     "defenses.single_model",
     "attacks.transforms",
     "attacks.dreambooth",
     "metrics.imperceptibility",
+    "metrics.backdoor",
     "metrics.quality",
     "metrics.faces",
     "metrics.fidelity",
