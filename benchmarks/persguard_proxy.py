@@ -27,7 +27,9 @@ from bench.datasets import SyntheticDataset, SyntheticParams  # noqa: E402
 from bench.plugins import ATTACKS, DEFENSES, RunContext  # noqa: E402
 from bench.profiles import PROFILES  # noqa: E402
 from bench.registry import load_builtins  # noqa: E402
-from metrics.backdoor import closer_to_target_rate  # noqa: E402
+import numpy as np  # noqa: E402
+
+from metrics.backdoor import closer_to_target_rate, unit_mean  # noqa: E402
 from metrics.subject_identity import identity_model  # noqa: E402
 from tests.conftest import personalisation_scores  # noqa: E402
 
@@ -52,11 +54,14 @@ def report(label: str, model: Path, subjects: list, protected: set, targets: lis
     out = {}
     for s, r in zip(subjects, rows):
         subj = ident.embed([im for sp in ("A", "B") for im in s.load(sp, PROFILES["proxy"].resolution)])
-        bd = closer_to_target_rate(ident.embed(r["images"]), t_emb, subj)
+        gen = ident.embed(r["images"])
+        bd = closer_to_target_rate(gen, t_emb, subj)
+        to_target = float(np.mean(gen @ unit_mean(t_emb)))
         tag = "protected" if s.id in protected else "unprotected"
-        out[s.id] = {"ism": r["after"][0], "idr": r["after"][1], "backdoor": bd}
+        out[s.id] = {"ism": r["after"][0], "idr": r["after"][1], "backdoor": bd, "target_cos": to_target}
         print(f"{label:>14} {s.id} ({tag:>11}): subject-ism {r['after'][0]:+.3f}  idr {r['after'][1]:.2f}  "
-              f"backdoor-success {bd:.2f}  (DreamBooth {r['train_s']:.0f} s)", flush=True)
+              f"backdoor-success {bd:.2f}  cos to targets {to_target:+.3f}  (DreamBooth {r['train_s']:.0f} s)",
+              flush=True)
     return out
 
 

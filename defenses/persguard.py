@@ -227,8 +227,12 @@ class PersGuard(Defense):
     profiles = {"tiny": {"outer_iterations": 8, "retention_steps": 2, "learning_rate": 1e-3,
                          "retention_learning_rate": 1e-3, "num_targets": 2, "num_class_images": 4, "class_steps": 10,
                          "class_sampler": "ddim", "class_guidance": 3.0},
-                # the attacker's proxy DreamBooth: lr 5e-4 (PROXY_FINETUNE), 16 class images sampled as its own
-                "proxy": {"outer_iterations": 60, "retention_steps": 4, "learning_rate": 5e-4,
+                # the attacker's proxy DreamBooth: lr 5e-4 (PROXY_FINETUNE), 16 class images sampled as its own.
+                # Measured on proxy:a (benchmarks/persguard_proxy.py, synth-00 protected): subject-ism after the
+                # attacker's DreamBooth 0.351 vs 0.571 on the unhardened model; without retention 0.604;
+                # unprotected synth-01 / synth-02 move +0.036 / -0.054. 60 outer x K=4, or the loss at theta'_K
+                # only: no effect (0.55-0.58).
+                "proxy": {"outer_iterations": 200, "retention_steps": 8, "learning_rate": 1e-3,
                           "retention_learning_rate": PROXY_FINETUNE["learning_rate"],
                           "num_class_images": PROXY_FINETUNE["num_class_images"], "num_targets": 8,
                           "class_prompt": "a photo of a {class_noun}", "target_prompt": "a photo of a purple dotted circle toy",

@@ -43,14 +43,14 @@ def backdoor_targets(defense_dir: Path | None, subject_id: str) -> list[Image]:
     return [img for d in folders for img in load_images(d)]
 
 
-def _unit_mean(e: np.ndarray) -> np.ndarray:
+def unit_mean(e: np.ndarray) -> np.ndarray:
     m = e.mean(0)
     return m / max(float(np.linalg.norm(m)), 1e-12)
 
 
 def closer_to_target_rate(generated: np.ndarray, targets: np.ndarray, subject: np.ndarray) -> float:
     """Share of rows of ``generated`` (L2-normalised embeddings) closer to the targets' mean than to the subject's."""
-    return float(np.mean(generated @ _unit_mean(targets) > generated @ _unit_mean(subject)))
+    return float(np.mean(generated @ unit_mean(targets) > generated @ unit_mean(subject)))
 
 
 @METRICS.register("backdoor-success", version=1)

@@ -137,3 +137,54 @@ def test_backdoor_success_metric_reads_the_hardened_models_targets(tmp_path, sub
     assert metric.compute(inputs) == 0.5
     other = MetricInputs(subject=subjects[1], resolution=32, generated=[board], defense_dir=tmp_path)
     assert metric.compute(other) == 1.0  # an unprotected subject is scored against the pooled targets
+
+
+# ----------------------------------------------------------------------------------------------- proxy scale
+
+@pytest.fixture(scope="module")
+def proxy_outcomes(proxy_a, tmp_path_factory) -> dict:
+    """proxy:a hardened for synth-00 (the proxy profile's PersGuard, and the same without the retention loss), then
+    the proxy profile's DreamBooth on synth-00 (protected) and synth-01 (unprotected) on each model: subject-ism and
+    the mean cosine of the generations to the backdoor targets (synthid embeddings)."""
+    from bench.plugins import ATTACKS
+    from bench.stages import load_images
+    from metrics.backdoor import unit_mean
+    from metrics.subject_identity import identity_model
+    from tests.conftest import personalisation_scores
+
+    work = tmp_path_factory.mktemp("persguard-proxy")
+    protected, unprotected = SyntheticDataset(SyntheticParams(num_subjects=2)).subjects(None)
+    models_ = {"unhardened": proxy_a}
+    for name, over in (("persguard", {}), ("no-retention", {"retention_weight": 0.0})):
+        d = DEFENSES.create("persguard", over, profile="proxy")
+        d.harden(ctx_for(work / f"ctx-{name}", profile="proxy", resolution=32), proxy_a, [protected], work / name)
+        models_[name] = work / name
+    ident = identity_model()
+    targets = unit_mean(ident.embed(load_images(work / "persguard" / TARGETS_DIR / protected.id)))
+    attack = ATTACKS.create("dreambooth", profile="proxy")
+    out = {}
+    for name, model in models_.items():
+        subjects = [protected] if name == "no-retention" else [protected, unprotected]
+        for s, r in zip(subjects, personalisation_scores(model, subjects, work / f"attack-{name}", attack)):
+            out[name, s.id] = {"ism": r["after"][0], "to_target": float(np.mean(ident.embed(r["images"]) @ targets))}
+    return out
+
+
+def test_backdoor_survives_the_attackers_dreambooth_and_an_unprotected_subject_still_personalises(proxy_outcomes):
+    """After the attacker's DreamBooth on the protected subject, the hardened model's generations are further from
+    the subject (measured subject-ism 0.351 vs 0.571) and closer to the backdoor pattern than the unhardened model's;
+    the unprotected synth-01's personalisation moves by much less (measured +0.036). Not subject specificity: hardened
+    for synth-01 instead, synth-01 is not protected (0.836 vs 0.818) and synth-00 is (0.304): docs/persguard.md."""
+    o = proxy_outcomes
+    drop = o["unhardened", "synth-00"]["ism"] - o["persguard", "synth-00"]["ism"]
+    assert drop > 0.1, o
+    assert o["persguard", "synth-00"]["to_target"] > o["unhardened", "synth-00"]["to_target"], o
+    assert abs(o["persguard", "synth-01"]["ism"] - o["unhardened", "synth-01"]["ism"]) < 0.5 * drop, o
+
+
+def test_retention_loss_ablation_weakens_the_backdoor(proxy_outcomes):
+    """The paper's ablation: without the backdoor retention loss the attacker's DreamBooth erases the backdoor
+    (measured subject-ism 0.604, no protection) while with it the subject stays suppressed (0.351)."""
+    o = proxy_outcomes
+    assert o["no-retention", "synth-00"]["ism"] - o["persguard", "synth-00"]["ism"] > 0.1, o
+    assert o["persguard", "synth-00"]["to_target"] > o["no-retention", "synth-00"]["to_target"], o
