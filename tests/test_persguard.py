@@ -188,3 +188,38 @@ def test_retention_loss_ablation_weakens_the_backdoor(proxy_outcomes):
     o = proxy_outcomes
     assert o["no-retention", "synth-00"]["ism"] - o["persguard", "synth-00"]["ism"] > 0.1, o
     assert o["persguard", "synth-00"]["to_target"] > o["no-retention", "synth-00"]["to_target"], o
+
+
+def test_bench_run_multi_object_persguard_end_to_end(out_dir, tmp_path):
+    """`bench run` on tiny: one hardened model for synth-00, its class images a cached stage shared with the attacker
+    of the same settings, both subjects attacked on it, backdoor-success measured (a number for both rows: the
+    unprotected subject is scored against the pooled targets), and a second run recomputes nothing."""
+    import json
+
+    from bench.cli import main
+    from bench.ledger import Ledger
+
+    body = """
+    name: pg-run
+    datasets: [{name: synthetic, num_subjects: 2}]
+    defenses: [{name: persguard, label: pg, protect_subjects: [synth-00], outer_iterations: 2, retention_steps: 1,
+                num_class_images: 2, class_steps: 10, class_sampler: ddim, class_guidance: 3.0}]
+    scenarios: [clean]
+    attacks: [{name: dreambooth, max_train_steps: 2, num_class_images: 2}]
+    metrics: [backdoor-success, subject-ism]
+    seeds: [0]
+    """
+    suite = write_suite(tmp_path, body)
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
+    cells = Ledger(out_dir / "ledger.sqlite").cells("pg-run")
+    assert sorted(c["defense"] for c in cells) == ["pg", "pg [unprotected]"]
+    assert all(c["status"] == "ok" and 0.0 <= c["metrics"]["backdoor-success/synthid-v1/closer-to-targets-than-subject-AB"] <= 1.0
+               for c in cells)
+    protects = [json.loads(p.read_text()) for p in (out_dir / "cache" / "protect").glob("*/done.json")]
+    assert len(protects) == 1 and protects[0]["extra"]["persguard_protected"] == ["synth-00"]
+    class_stages = list((out_dir / "cache" / "class_images").glob("*/done.json"))
+    # PersGuard's class images (a cached stage, from the base model) + the attacker's (from the hardened model)
+    assert len(class_stages) == 2
+    before = sorted(p.stat().st_mtime_ns for p in (out_dir / "cache").rglob("done.json"))
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir)]) == 0
+    assert sorted(p.stat().st_mtime_ns for p in (out_dir / "cache").rglob("done.json")) == before
