@@ -1,4 +1,5 @@
-"""``bench``: run suites, list plug-ins, validate suites, print leaderboards, verify data, fetch metric weights.
+"""``bench``: run suites, list plug-ins, validate suites, print leaderboards, verify data and cached artifacts, fetch
+metric weights.
 
 Exit status: 0 all cells ok; 1 some cells failed (the rest finished and were saved); 2 invalid suite or
 command line (nothing ran).
@@ -132,6 +133,25 @@ def cmd_leaderboard(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    """Check every finished artifact of an output folder against its record (every file's size and sha256)."""
+    from bench.store import ArtifactStore
+
+    cache = Path(a.out) / "cache"
+    if not cache.is_dir():
+        raise ConfigError(f"no cache in {a.out}; run `bench run --out {a.out}` first")
+    store = ArtifactStore(cache)
+    found = store.finished()
+    damaged = [(kind, name, reason) for kind, name in found if (reason := store.verify(kind, name, full=True))]
+    for kind, name, reason in damaged:
+        print(f"DAMAGED {kind}/{name}: {reason}")
+        if a.fix:
+            store.discard(kind, name)
+    print(f"{len(found)} artifacts checked, {len(damaged)} damaged"
+          + (" and deleted: the next `bench run` recomputes them and what depends on them" if a.fix and damaged else ""))
+    return 1 if damaged and not a.fix else 0
+
+
 def cmd_data(a: argparse.Namespace) -> int:
     from bench.datasets import verify_root
 
@@ -215,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--profile", default=None)
     lb.add_argument("--reference", default=None, help="paper reference table under leaderboards/ to compare with")
     lb.set_defaults(fn=cmd_leaderboard)
+
+    vf = sub.add_parser("verify", help="check every cached artifact of an output folder against its recorded hashes")
+    vf.add_argument("--out", default="runs")
+    vf.add_argument("--fix", action="store_true", help="delete damaged artifacts so that the next run recomputes them")
+    vf.set_defaults(fn=cmd_verify)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

@@ -154,8 +154,8 @@ def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = N
             raise ConfigError(f"{path}: dataset {d.name!r} needs a folder: pass --data {d.name}=PATH "
                               f"(see data_manifests/{d.name}.yaml for how to obtain it)")
     seeds = doc.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{path}: 'seeds' must be a list of integers, got {seeds!r}")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
     models = doc.get("models", {}) or {}
     if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
         raise ConfigError(f"{path}: 'models' maps a profile name to role overrides, e.g. models: {{paper: {{default: sd15}}}}")
