@@ -62,7 +62,7 @@ def prepare(opts: RunOptions) -> Prepared:
     for d in suite.datasets:
         root = Path(d.extra["root"]).expanduser() if d.extra.get("root") else None
         if root is not None and not root.is_dir():
-            raise ConfigError(f"--data {d.name}={root}: no such folder")
+            raise ConfigError(f"--data {d.name}={root}: " + ("a file, not a folder" if root.exists() else "no such folder"))
         try:
             subjects[d.label] = d.create().subjects(root)
         except ValueError as e:  # DataError: wrong layout, empty root

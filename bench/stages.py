@@ -274,6 +274,9 @@ def run_stage(stage: Stage, env: StageEnv) -> StageResult:
     except Exception as e:  # recorded for the cell; the rest of the suite goes on
         store.abort(tmp)
         return StageResult(stage.key, False, error=_reason(e))
+    except BaseException:  # Ctrl-C, SystemExit: no half-written temp folder left behind
+        store.abort(tmp)
+        raise
     record = {"kind": stage.kind, "key": stage.key, "label": stage.label, "params": stage.params, "deps": list(stage.deps),
               "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
               "peak_gpu_mb": _peak_gpu_mb(), "extra": ctx.extra}

@@ -99,3 +99,27 @@ def test_unusable_out_and_empty_grid_exit_2(tmp_path, capsys):
     empty = write_suite(tmp_path, MICRO.replace("seeds: [0]", "seeds: []"), "empty.yaml")
     assert main(["run", "--suite", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "non-empty list" in capsys.readouterr().err
+
+
+def test_data_path_that_is_a_file_and_huge_image_warning(tmp_path, capsys):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from bench.images import ImageError, load_image
+
+    a_file = tmp_path / "faces.zip"
+    a_file.write_text("x")
+    assert main(["run", "--suite", "smoke", "--data", f"vggface2={a_file}", "--out", str(tmp_path / "o")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+    side = int((Image.MAX_IMAGE_PIXELS * 1.2) ** 0.5)  # over our limit and PIL's warning threshold, under its error
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((side, 8), np.uint8)).resize((side, side)).save(big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            load_image(big)
+            raise AssertionError("a huge image was accepted")
+        except ImageError as e:
+            assert "big.png" in str(e) and "megapixels" in str(e)
