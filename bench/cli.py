@@ -103,10 +103,18 @@ def cmd_list(a: argparse.Namespace) -> int:
 def cmd_validate(a: argparse.Namespace) -> int:
     from bench.runner import RunOptions, describe_plan, prepare
 
+    from bench.datasets import image_problems
+
     prepared = prepare(RunOptions(suite=a.suite, profile=a.profile, data=_data_arg(a.data)))
     print(f"{a.suite}: valid")
     print(describe_plan(prepared))
-    return 0
+    problems = [p for subjects in prepared.subjects.values() for p in image_problems(subjects)]
+    for p in problems:
+        print(f"bad input: {p}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} bad input(s): a run fails the cells of those subjects; fix or remove the files",
+              file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_leaderboard(a: argparse.Namespace) -> int:
@@ -167,8 +175,25 @@ def cmd_data(a: argparse.Namespace) -> int:
             print(f"  missing: {p}")
         for p, exp, got in report.mismatched:
             print(f"  sha256 mismatch: {p} (expected {exp[:12]}..., got {got[:12]}...)")
-        bad += 0 if report.ok else 1
+        for p in report.extra:
+            print(f"  not in the manifest: {p}")
+        problems = _decode_problems(name, root)
+        for p in problems:
+            print(f"  bad input: {p}")
+        bad += 0 if report.ok and not problems else 1
     return 1 if bad else 0
+
+
+def _decode_problems(name: str, root: Path) -> list[str]:
+    """Every image of the dataset at ``root`` as a run would open it (``image_problems``)."""
+    from bench.datasets import image_problems
+    from bench.plugins import DATASETS
+
+    load_builtins()
+    try:
+        return image_problems(DATASETS.create(name).subjects(root))
+    except ValueError as e:  # DataError: layout, symlink out of the root
+        return [str(e)]
 
 
 def cmd_weights(a: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ class Prepared:
     profile: Profile
     plan: Plan
     subject_errors: dict[str, str]  # subject key -> why it could not be listed
+    subjects: dict[str, list] = field(default_factory=dict)  # dataset label -> its subjects
 
 
 def prepare(opts: RunOptions) -> Prepared:
@@ -74,7 +75,7 @@ def prepare(opts: RunOptions) -> Prepared:
         raise ConfigError(f"{suite.path}: the grid is empty (no cell to run: check datasets, defenses, scenarios, "
                           f"attacks and seeds)")
     EXECUTORS.create(opts.executor, opts.executor_params, where=f"--executor {opts.executor}")  # validate early
-    return Prepared(suite, profile, plan, {})
+    return Prepared(suite, profile, plan, {}, subjects)
 
 
 def describe_plan(p: Prepared) -> str:

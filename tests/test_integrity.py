@@ -123,3 +123,29 @@ def test_data_path_that_is_a_file_and_huge_image_warning(tmp_path, capsys):
             raise AssertionError("a huge image was accepted")
         except ImageError as e:
             assert "big.png" in str(e) and "megapixels" in str(e)
+
+
+def test_validate_and_data_verify_decode_every_image(tmp_path, capsys):
+    """`bench validate --data` and `bench data verify` open every image a run would open and name each bad file
+    (exit 1); an empty subject folder is skipped with a warning, not planned."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "faces"
+    rng = np.random.default_rng(0)
+    for split in ("A", "B"):
+        (root / "n001" / f"set_{split}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "n001" / f"set_{split}" / f"{i}.png")
+    (root / "n002" / "set_A").mkdir(parents=True)  # an empty subject
+    good = write_suite(tmp_path, MICRO)
+    assert main(["validate", str(good), "--data", f"vggface2={root}"]) == 0
+    out = capsys.readouterr()
+    assert "cells: 2" in out.out and "n002" in out.err and "skipped" in out.err  # one subject x two defenses
+    broken = root / "n001" / "set_B" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    assert main(["validate", str(good), "--data", f"vggface2={root}"]) == 1
+    assert str(broken) in capsys.readouterr().err
+    assert main(["data", "verify", f"vggface2={root}"]) == 1
+    out = capsys.readouterr().out
+    assert str(broken) in out and "not in the manifest: n001/set_A/0.png" in out
