@@ -148,7 +148,8 @@ def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = N
         raw_datasets: list = [{"name": n, "root": str(p)} for n, p in data.items()]
     else:
         raw_datasets = _list(doc, "datasets", path)
-    datasets = tuple(_entry(DATASETS, d, f"{path}: datasets[{i}]", profile, ("root",)) for i, d in enumerate(raw_datasets))
+    datasets = tuple(_entry(DATASETS, d, f"--data {d['name']}={d['root']}" if data else f"{path}: datasets[{i}]", profile,
+                            ("root",)) for i, d in enumerate(raw_datasets))
     for d in datasets:
         if d.plugin_cls.needs_root and not d.extra.get("root"):
             raise ConfigError(f"{path}: dataset {d.name!r} needs a folder: pass --data {d.name}=PATH "

@@ -149,3 +149,10 @@ def test_validate_and_data_verify_decode_every_image(tmp_path, capsys):
     assert main(["data", "verify", f"vggface2={root}"]) == 1
     out = capsys.readouterr().out
     assert str(broken) in out and "not in the manifest: n001/set_A/0.png" in out
+
+
+def test_misspelt_data_name_blames_the_command_line(tmp_path, capsys):
+    suite = write_suite(tmp_path, MICRO)
+    assert main(["run", "--suite", str(suite), "--data", f"vgface2={tmp_path}", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"--data vgface2={tmp_path}" in err and "did you mean 'vggface2'" in err and str(suite) not in err
