@@ -58,7 +58,11 @@ class Plugin:
         if missing:
             return missing
         try:
-            return cls().missing_weights()
+            params = cls.Params()
+        except TypeError:  # a required parameter (e.g. resize's size): usable; its weights depend on the value
+            return None
+        try:
+            return cls(params).missing_weights()
         except Exception as e:  # defaults that cannot be built say so rather than crash `bench list`
             return f"cannot check weights ({e})"
 
