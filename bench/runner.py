@@ -74,8 +74,22 @@ def prepare(opts: RunOptions) -> Prepared:
     if not plan.cells:
         raise ConfigError(f"{suite.path}: the grid is empty (no cell to run: check datasets, defenses, scenarios, "
                           f"attacks and seeds)")
+    check_models(plan)
     EXECUTORS.create(opts.executor, opts.executor_params, where=f"--executor {opts.executor}")  # validate early
     return Prepared(suite, profile, plan, {}, subjects)
+
+
+def check_models(plan: Plan) -> None:
+    """Every checkpoint the plan loads is here (a local folder or the Hugging Face cache), before anything runs:
+    otherwise exit 2 once, with the download command (not the same failure in every cell)."""
+    from bench import models
+
+    for st in plan.stages.values():
+        if st.kind == "model" and "pretrain" not in st.params:  # built-in families are built, not resolved
+            try:
+                models.resolve_model(st.params["ref"])
+            except models.ModelUnavailable as e:
+                raise ConfigError(str(e)) from None
 
 
 def describe_plan(p: Prepared) -> str:

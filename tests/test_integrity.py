@@ -156,3 +156,14 @@ def test_misspelt_data_name_blames_the_command_line(tmp_path, capsys):
     assert main(["run", "--suite", str(suite), "--data", f"vgface2={tmp_path}", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"--data vgface2={tmp_path}" in err and "did you mean 'vggface2'" in err and str(suite) not in err
+
+
+def test_missing_checkpoint_is_refused_before_anything_runs(tmp_path, capsys):
+    """A paper-profile run without its base model: exit 2 once with the fetch hint (validate and --dry-run too)."""
+    for argv in (["validate", "smoke", "--profile", "paper"],
+                 ["run", "--suite", "smoke", "--profile", "paper", "--dry-run"],
+                 ["run", "--suite", "smoke", "--profile", "paper", "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "not in the local Hugging Face cache" in err or "no such folder" in err, err
+    assert not (tmp_path / "o" / "cache").exists()
