@@ -45,7 +45,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     prepared = prepare(opts)
     if a.dry_run:
         print(describe_plan(prepared))
-        return 0
+        return _report_bad_inputs(prepared)
     summary = execute(prepared, opts)
     print(f"cells ok {summary['cells_ok']}/{summary['cells_total']}, stages run {summary['stages_run']}, "
           f"cached {summary['stages_cached']}, failed {summary['stages_failed']} ({summary['wall_s']} s)")
@@ -103,11 +103,17 @@ def cmd_list(a: argparse.Namespace) -> int:
 def cmd_validate(a: argparse.Namespace) -> int:
     from bench.runner import RunOptions, describe_plan, prepare
 
-    from bench.datasets import image_problems
-
     prepared = prepare(RunOptions(suite=a.suite, profile=a.profile, data=_data_arg(a.data)))
     print(f"{a.suite}: valid")
     print(describe_plan(prepared))
+    return _report_bad_inputs(prepared)
+
+
+def _report_bad_inputs(prepared) -> int:
+    """Decode every image the plan's subjects would load; name each bad one on stderr. 1 if any (a run would fail
+    the cells of those subjects), else 0."""
+    from bench.datasets import image_problems
+
     problems = [p for subjects in prepared.subjects.values() for p in image_problems(subjects)]
     for p in problems:
         print(f"bad input: {p}", file=sys.stderr)

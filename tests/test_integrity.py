@@ -144,8 +144,9 @@ def test_validate_and_data_verify_decode_every_image(tmp_path, capsys):
     assert "cells: 2" in out.out and "n002" in out.err and "skipped" in out.err  # one subject x two defenses
     broken = root / "n001" / "set_B" / "1.png"
     broken.write_bytes(broken.read_bytes()[:200])  # truncated
-    assert main(["validate", str(good), "--data", f"vggface2={root}"]) == 1
-    assert str(broken) in capsys.readouterr().err
+    for argv in (["validate", str(good)], ["run", "--suite", str(good), "--dry-run"]):
+        assert main([*argv, "--data", f"vggface2={root}"]) == 1
+        assert str(broken) in capsys.readouterr().err
     assert main(["data", "verify", f"vggface2={root}"]) == 1
     out = capsys.readouterr().out
     assert str(broken) in out and "not in the manifest: n001/set_A/0.png" in out
