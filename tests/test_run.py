@@ -96,7 +96,8 @@ def _faces_root(tmp_path: Path) -> Path:
             for i in range(2):
                 Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(d / f"{i:04d}.png")
     (root / "bad02" / "set_B" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    (root / "empty03").mkdir()
+    (root / "empty03" / "set_A").mkdir(parents=True)  # a subject with an empty set_B (an empty folder is skipped)
+    Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(root / "empty03" / "set_A" / "0000.png")
     return root
 
 
