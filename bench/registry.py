@@ -243,6 +243,7 @@ _BUILTIN_MODULES = (
     "defenses.apdm",
     "defenses.anti_dreambooth",
     "defenses.single_model",
+    "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",
     "metrics.imperceptibility",
