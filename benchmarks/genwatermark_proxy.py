@@ -61,9 +61,10 @@ def mean_auc_ci(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 2000, 
 
 
 def run_subject(model: Path, subject, work: Path, n_eval: int, defense_params: dict | None = None,
-                attack_params: dict | None = None) -> dict:
+                attack_params: dict | None = None, heldout: bool = True) -> dict:
     """protect (phase 1 + 2) -> detector; attacker's DreamBooth on watermarked and clean set_B -> ``n_eval``
-    generations each of the profile's evaluation prompt (seed 0); scores of both detectors, counts, times."""
+    generations each of the profile's evaluation prompt (seed 0); scores of both detectors, counts, times.
+    ``heldout``: also re-train phase 1 (same seed, so the same G and D) and score set_A + set_C."""
     from attacks.dreambooth import generate_class_images
     from bench import models
     from bench.plugins import ATTACKS, DEFENSES
@@ -79,11 +80,13 @@ def run_subject(model: Path, subject, work: Path, n_eval: int, defense_params: d
     defense.save_detector(ctx, subject, work / "detector")
     info = dict(ctx.extra)
     # phase 1 on held-out images: the same G/D as inside protect (same seed), scored on set_A + set_C
-    held = subject.load("A", RES) + subject.load("C", RES)
-    ph1 = train_phase1(clean, defense.params, 0)
-    held_w = watermark(ph1.generator, held, defense.params)
-    phase1_auc = auc(scores(ph1.detector, held_w), scores(ph1.detector, held))
-    held_linf = max(int(np.abs(a.astype(np.int16) - c.astype(np.int16)).max()) for a, c in zip(held_w, held))
+    phase1_auc, held_linf = math.nan, -1
+    if heldout:
+        held = subject.load("A", RES) + subject.load("C", RES)
+        ph1 = train_phase1(clean, defense.params, 0)
+        held_w = watermark(ph1.generator, held, defense.params)
+        phase1_auc = auc(scores(ph1.detector, held_w), scores(ph1.detector, held))
+        held_linf = max(int(np.abs(a.astype(np.int16) - c.astype(np.int16)).max()) for a, c in zip(held_w, held))
     # the attacker (the evaluation's settings: cell seed 0, the profile's prompts)
     attack = ATTACKS.create("dreambooth", attack_params or {}, profile="proxy")
     actx = RunContext(seed=0, device="cpu", profile="proxy", resolution=RES, work_dir=work)

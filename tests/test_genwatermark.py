@@ -85,6 +85,37 @@ def test_lpips_budget_is_refused_without_weights_and_linf_runs(tmp_path, monkeyp
     assert DEFENSES.get("genwatermark").unavailable_reason()  # `bench list` says why the default is unavailable
 
 
+def test_lpips_hinge_bounds_the_watermark(tmp_path, monkeypatch):
+    """The paper's budget path, mechanically: with an AlexNet trunk of *random* weights in a temporary weights root
+    (the real ImageNet trunk is not on this machine, so the LPIPS values are not the published metric's), phase 1's
+    hinge max(LPIPS - p, 0) holds the watermark's LPIPS well below what the same training reaches without it
+    (budget_weight 0), and G is not clipped to an L-inf ball (budget_255() is None)."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from metrics.imperceptibility import LPIPS_BACKBONES, lpips_distances
+
+    entry = LPIPS_BACKBONES["alex"]
+    folder = tmp_path / "weights" / entry.name
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    trunk = torchvision.models.alexnet(weights=None).features.state_dict()
+    save_file({f"features.{k}": v.contiguous() for k, v in trunk.items()}, str(folder / entry.files[0]))
+    monkeypatch.setenv("BENCH_WEIGHTS_DIR", str(tmp_path / "weights"))
+    d = DEFENSES.create("genwatermark", {"phase1_steps": 80, "channels": 16, "batch_size": 8, "p": 0.05})
+    assert d.missing_weights() is None and d.budget_255() is None
+    s = _subject()
+    images = s.load("B", 32)
+    got = {}
+    for weight in (10.0, 0.0):
+        p = build_params(gw.GenWatermark, {"phase1_steps": 80, "channels": 16, "batch_size": 8,
+                                           "budget_weight": weight}, None, "test")
+        r = gw.train_phase1(images, p, seed=0)
+        got[weight] = float(np.mean(lpips_distances(list(zip(gw.watermark(r.generator, images, p), images)), "alex")))
+    assert got[10.0] < 0.5 * got[0.0] and got[10.0] < 0.1, got
+
+
 def _protect(model: Path, work: Path, seed: int) -> tuple[list[np.ndarray], dict, Path]:
     d = DEFENSES.create("genwatermark", LINF8, profile="tiny")
     ctx = RunContext(seed=seed, device="cpu", profile="tiny", resolution=64, work_dir=work)
@@ -188,10 +219,9 @@ def test_proxy_detects_the_attackers_generations(proxy_a, tmp_path):
     that excludes 0.5."""
     from benchmarks.genwatermark_proxy import auc, hanley_mcneil, run_subject
 
-    r = run_subject(proxy_a, _subject(), tmp_path, PROXY_N_EVAL)
+    r = run_subject(proxy_a, _subject(), tmp_path, PROXY_N_EVAL, heldout=False)  # phase 1 alone: first test
     assert not set(r["eval_prompts"]) & set(r["phase2_prompts"])
     assert r["info"]["genwatermark_phase2_synth_images"] == 64 and r["info"]["realised_linf_255"] <= 8
-    assert r["phase1_heldout_auc"] > 0.9
     a = auc(r["pos2"], r["neg2"])
     lo = a - 1.96 * hanley_mcneil(a, len(r["pos2"]), len(r["neg2"]))
     assert lo > 0.5, f"attacker-generation AUC {a:.3f}, 95% CI lower bound {lo:.3f}"
