@@ -418,6 +418,13 @@ class GenWatermark(Defense):
 
         return (LPIPS_BACKBONES[self.params.lpips_net].name,)
 
+    def missing_weights(self) -> str | None:
+        reason = super().missing_weights()
+        if reason:
+            return (f"{reason} (needed by the paper's LPIPS budget, budget: lpips; the explicit alternative is "
+                    f"budget: linf with eps in /255 pixel units)")
+        return None
+
     def budget_255(self) -> float | None:
         return self.params.eps if self.params.budget == "linf" else None
 

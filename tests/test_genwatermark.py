@@ -78,6 +78,7 @@ def test_lpips_budget_is_refused_without_weights_and_linf_runs(tmp_path, monkeyp
         load_suite(str(write_suite(tmp_path, body % "genwatermark", "a.yaml")), "tiny")
     msg = str(e.value)
     assert "genwatermark" in msg and "torchvision-alexnet" in msg and "bench weights fetch torchvision-alexnet" in msg
+    assert "budget: linf" in msg
     with pytest.raises(ConfigError, match="torchvision-vgg16"):
         load_suite(str(write_suite(tmp_path, body % "{name: genwatermark, lpips_net: vgg}", "b.yaml")), "tiny")
     suite = load_suite(str(write_suite(tmp_path, body % "{name: genwatermark, budget: linf, eps: 8}", "c.yaml")), "tiny")
