@@ -47,6 +47,22 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
+def acc(pos: np.ndarray, neg: np.ndarray, threshold: float = 0.5) -> float:
+    """Detection accuracy at the detector's threshold (``watermark-accuracy``)."""
+    return float(np.r_[pos >= threshold, neg < threshold].mean())
+
+
+def uncalibrated(r: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The phase-2 detector's scores before its calibration shift (sigmoid(logit + shift))."""
+    shift = r["info"].get("genwatermark_calibration_logit_shift", 0.0)
+
+    def undo(sc):
+        logit = np.log(np.clip(sc, 1e-12, 1 - 1e-12)) - np.log(np.clip(1 - sc, 1e-12, 1))
+        return 1 / (1 + np.exp(-(logit + shift)))
+
+    return undo(r["pos2"]), undo(r["neg2"])
+
+
 def mean_auc_ci(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean per-subject AUC; 95% intervals from combined Hanley-McNeil errors and a stratified bootstrap."""
     aucs = [auc(p, n) for p, n in pairs]
@@ -138,7 +154,9 @@ def main() -> None:
                   f"published L-inf {i['realised_linf_255']}/255, PSNR {i['psnr_db']:.2f} dB; phase 2 trained on "
                   f"{i['genwatermark_phase2_synth_images']} synthesised images "
                   f"(train acc {i['genwatermark_phase2_train_accuracy']:.3f}); attacker AUC phase-2 detector "
-                  f"{auc(r['pos2'], r['neg2']):.3f}, phase-1 detector {auc(r['pos1'], r['neg1']):.3f} "
+                  f"{auc(r['pos2'], r['neg2']):.3f} (accuracy at 0.5: {acc(r['pos2'], r['neg2']):.3f} calibrated, "
+                  f"{acc(*uncalibrated(r)):.3f} without calibration), phase-1 detector "
+                  f"{auc(r['pos1'], r['neg1']):.3f} "
                   f"({len(r['pos2'])}+{len(r['neg2'])} images); wall: phase 1 {i['genwatermark_phase1_wall_s']:.1f} s, "
                   f"phase 2 {i['genwatermark_phase2_wall_s']:.1f} s {sec}, protect {r['protect_s']:.1f} s, "
                   f"attacker+eval {r['attack_eval_s']:.1f} s", flush=True)
@@ -149,6 +167,10 @@ def main() -> None:
               f"(per subject {', '.join(f'{v:.3f}' for v in ci['aucs'])}); 95% CI Hanley-McNeil "
               f"[{ci['hm_ci'][0]:.3f}, {ci['hm_ci'][1]:.3f}], stratified bootstrap "
               f"[{ci['boot_ci'][0]:.3f}, {ci['boot_ci'][1]:.3f}]")
+    for what, accs in (("calibrated", [acc(r["pos2"], r["neg2"]) for r in rows]),
+                       ("without calibration", [acc(*uncalibrated(r)) for r in rows])):
+        print(f"attacker-generation accuracy at 0.5, phase-2 detector {what}: mean {np.mean(accs):.3f} "
+              f"(per subject {', '.join(f'{v:.3f}' for v in accs)})")
     held = ", ".join(f"{r['phase1_heldout_auc']:.3f}" for r in rows)
     print(f"phase-1 held-out AUC (set_A + set_C, G-watermarked vs clean): {held}")
 

@@ -16,6 +16,8 @@ What the paper fixes (abstract, METHODS.md 4), and how it is done here:
   watermarked set and once on the clean set; each model generates ``phase2_images_per_prompt`` images for every
   ``phase2_prompts`` template; generations of the watermarked model are labelled 1, of the clean model 0, and D is
   fine-tuned on them (plus, with ``phase2_keep_phase1``, the phase-1 pairs so it does not forget the watermark).
+  With ``calibrate``, D's output bias is then shifted so that the score threshold 0.5 (used by ``watermark-accuracy``)
+  is the best balanced-accuracy threshold on those synthesised images (a choice of ours; the paper's is not known).
   All of this runs inside the ``protect`` stage, so it is cached with it: the fine-tuned models are temporary and only
   the published images and the detector are kept.
 - Evaluation (metrics/watermark.py) uses the profile's generation prompts and seed = the cell seed. Phase 2 uses
@@ -97,6 +99,7 @@ class GenWatermarkParams:
     phase2_steps: int = 300  # D fine-tuning steps on the synthesised images
     phase2_learning_rate: float = 2e-4
     phase2_keep_phase1: bool = True  # also keep the phase-1 pairs (published = 1, clean = 0) in phase 2
+    calibrate: bool = True  # shift D's bias so that score 0.5 is the best threshold on the phase-2 generations
 
     def validate(self) -> None:
         if self.budget == "linf":
@@ -330,6 +333,25 @@ def finetune_detector(D: Detector, positives: list[Image], negatives: list[Image
     return losses
 
 
+def calibrate(D: Detector, positives: list[Image], negatives: list[Image]) -> float:
+    """Shift D's output bias (in place) so that the 0.5 threshold of ``detect`` is the one with the best balanced
+    accuracy on phase 2's synthesised images (the midpoint between consecutive sorted logits; ties: the smallest
+    shift). Only the phase-2 generations are used, never evaluation images. Returns the logit shift removed."""
+    def logits(images):
+        with torch.no_grad():
+            return torch.cat([D(to_tensor(images[i:i + 64])) for i in range(0, len(images), 64)]).double().numpy()
+
+    lp, ln = logits(positives), logits(negatives)
+    v = np.unique(np.r_[lp, ln])
+    cands = np.r_[v[0] - 1.0, (v[:-1] + v[1:]) / 2, v[-1] + 1.0] if len(v) > 1 else np.array([0.0])
+    bal = np.array([((lp >= t).mean() + (ln < t).mean()) / 2 for t in cands])
+    best = cands[bal >= bal.max() - 1e-12]
+    t = float(best[np.argmin(np.abs(best))])
+    with torch.no_grad():
+        D.head.bias -= torch.tensor([t], dtype=D.head.bias.dtype)
+    return t
+
+
 def synthesise(ctx: RunContext, model_dir: Path, clean: list[Image], published: list[Image], class_noun: str,
                params: GenWatermarkParams) -> dict[str, Any]:
     """Phase 2's training data: the attack plug-in ``phase2_attack`` (profile settings, ``phase2_attack_params``
@@ -456,13 +478,14 @@ class GenWatermark(Defense):
             t0 = time.perf_counter()
             losses = finetune_detector(D, pos, neg, p.phase2_steps, p.phase2_learning_rate, p.batch_size, ctx.seed,
                                        p.augment)
+            shift = calibrate(D, syn["positives"], syn["negatives"]) if p.calibrate else 0.0
             info.update({"phase2_synth_images": n_synth, "phase2_synth_positives": len(syn["positives"]),
                          "phase2_synth_negatives": len(syn["negatives"]), "phase2_prompts": syn["prompts"],
                          "phase2_instance_prompt": syn["instance_prompt"], "phase2_class_images": syn["n_class_images"],
                          "phase2_generation_seed": ctx.seed + PHASE2_GENERATION_SEED_OFFSET,
                          "phase2_attack_seed": ctx.seed + PHASE2_SEED_OFFSET,
                          "phase2_finetune_wall_s": round(time.perf_counter() - t0, 3),
-                         "phase2_final_loss": losses[-1] if losses else None,
+                         "phase2_final_loss": losses[-1] if losses else None, "calibration_logit_shift": shift,
                          "phase2_train_accuracy": float(((scores(D, syn["positives"]) >= 0.5).mean()
                                                          + (scores(D, syn["negatives"]) < 0.5).mean()) / 2),
                          "phase2_wall_s": round(time.perf_counter() - start, 3), "phase2_seconds": syn["seconds"]})
