@@ -1,4 +1,5 @@
-"""``bench``: run suites, list plug-ins, validate suites, print leaderboards, verify data, fetch metric weights.
+"""``bench``: run suites, list plug-ins, validate suites, print leaderboards, verify data and cached artifacts, fetch
+metric weights.
 
 Exit status: 0 all cells ok; 1 some cells failed (the rest finished and were saved); 2 invalid suite or
 command line (nothing ran).
@@ -44,7 +45,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     prepared = prepare(opts)
     if a.dry_run:
         print(describe_plan(prepared))
-        return 0
+        return _report_bad_inputs(prepared)
     summary = execute(prepared, opts)
     print(f"cells ok {summary['cells_ok']}/{summary['cells_total']}, stages run {summary['stages_run']}, "
           f"cached {summary['stages_cached']}, failed {summary['stages_failed']} ({summary['wall_s']} s)")
@@ -105,7 +106,21 @@ def cmd_validate(a: argparse.Namespace) -> int:
     prepared = prepare(RunOptions(suite=a.suite, profile=a.profile, data=_data_arg(a.data)))
     print(f"{a.suite}: valid")
     print(describe_plan(prepared))
-    return 0
+    return _report_bad_inputs(prepared)
+
+
+def _report_bad_inputs(prepared) -> int:
+    """Decode every image the plan's subjects would load; name each bad one on stderr. 1 if any (a run would fail
+    the cells of those subjects), else 0."""
+    from bench.datasets import image_problems
+
+    problems = [p for subjects in prepared.subjects.values() for p in image_problems(subjects)]
+    for p in problems:
+        print(f"bad input: {p}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} bad input(s): a run fails the cells of those subjects; fix or remove the files",
+              file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_leaderboard(a: argparse.Namespace) -> int:
@@ -132,6 +147,25 @@ def cmd_leaderboard(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    """Check every finished artifact of an output folder against its record (every file's size and sha256)."""
+    from bench.store import ArtifactStore
+
+    cache = Path(a.out) / "cache"
+    if not cache.is_dir():
+        raise ConfigError(f"no cache in {a.out}; run `bench run --out {a.out}` first")
+    store = ArtifactStore(cache)
+    found = store.finished()
+    damaged = [(kind, name, reason) for kind, name in found if (reason := store.verify(kind, name, full=True))]
+    for kind, name, reason in damaged:
+        print(f"DAMAGED {kind}/{name}: {reason}")
+        if a.fix:
+            store.discard(kind, name)
+    print(f"{len(found)} artifacts checked, {len(damaged)} damaged"
+          + (" and deleted: the next `bench run` recomputes them and what depends on them" if a.fix and damaged else ""))
+    return 1 if damaged and not a.fix else 0
+
+
 def cmd_data(a: argparse.Namespace) -> int:
     from bench.datasets import verify_root
 
@@ -147,8 +181,25 @@ def cmd_data(a: argparse.Namespace) -> int:
             print(f"  missing: {p}")
         for p, exp, got in report.mismatched:
             print(f"  sha256 mismatch: {p} (expected {exp[:12]}..., got {got[:12]}...)")
-        bad += 0 if report.ok else 1
+        for p in report.extra:
+            print(f"  not in the manifest: {p}")
+        problems = _decode_problems(name, root)
+        for p in problems:
+            print(f"  bad input: {p}")
+        bad += 0 if report.ok and not problems else 1
     return 1 if bad else 0
+
+
+def _decode_problems(name: str, root: Path) -> list[str]:
+    """Every image of the dataset at ``root`` as a run would open it (``image_problems``)."""
+    from bench.datasets import image_problems
+    from bench.plugins import DATASETS
+
+    load_builtins()
+    try:
+        return image_problems(DATASETS.create(name).subjects(root))
+    except ValueError as e:  # DataError: layout, symlink out of the root
+        return [str(e)]
 
 
 def cmd_weights(a: argparse.Namespace) -> int:
@@ -215,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--profile", default=None)
     lb.add_argument("--reference", default=None, help="paper reference table under leaderboards/ to compare with")
     lb.set_defaults(fn=cmd_leaderboard)
+
+    vf = sub.add_parser("verify", help="check every cached artifact of an output folder against its recorded hashes")
+    vf.add_argument("--out", default="runs")
+    vf.add_argument("--fix", action="store_true", help="delete damaged artifacts so that the next run recomputes them")
+    vf.set_defaults(fn=cmd_verify)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

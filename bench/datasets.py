@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -383,10 +384,12 @@ class _FaceDataset(Dataset):
         for sid in _select(sorted(by_id), tuple(self.params.subjects), root, self.name):
             folder = by_id[sid]
             split_dirs = {s: _inside(folder / f"set_{s}", root) for s in SPLITS}
-            # a subject folder without images is listed: its cells fail on load naming the folder; others go on
-            out.append(Subject(dataset=self.name, id=sid, class_noun="person",
-                               splits={s: _images_in(d, root) for s, d in split_dirs.items()},
-                               folders=split_dirs))
+            splits = {s: _images_in(d, root) for s, d in split_dirs.items()}
+            if not any(splits.values()):  # an empty subject folder is not a subject
+                print(f"warning: {folder}: no images in set_A, set_B or set_C; skipped", file=sys.stderr)
+                continue
+            # a subject with an empty split is listed: its cells fail on load naming the folder; others go on
+            out.append(Subject(dataset=self.name, id=sid, class_noun="person", splits=splits, folders=split_dirs))
         return out
 
 
@@ -504,6 +507,27 @@ class DreamBoothDataset(Dataset):
 _MANIFEST_KEYS = ("name", "layout", "source", "license", "obtain")
 
 
+def image_problems(subjects: list[Subject]) -> list[str]:
+    """Every image a run would open, decoded at native size (symlinks out of the root were refused when the subjects
+    were listed): one message per bad file or empty split, naming it. A run fails the cells of those subjects."""
+    problems = []
+    for s in subjects:
+        for split in ("A", "B", *(("C",) if s.splits.get("C") else ())):
+            try:
+                sources = s._sources(split)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            for src in sources:
+                if isinstance(src, SyntheticImage):
+                    continue
+                try:
+                    load_image(src)
+                except ImageError as e:
+                    problems.append(str(e))
+    return problems
+
+
 def load_manifest(name: str) -> dict[str, Any]:
     """``data_manifests/<name>.yaml`` as a dict, checked for the keys name, layout, source, license, obtain and
     a ``files`` list of {path, sha256}."""
@@ -583,4 +607,5 @@ def verify_root(dataset_name: str, root: Path) -> VerifyReport:
 
 __all__ = ["DataError", "Subject", "SyntheticImage", "render_synthetic", "SYNTH_VERSION", "SPLITS",
            "SyntheticDataset", "VGGFace2", "CelebAHQ", "DreamBoothDataset", "parse_prompts_and_classes",
-           "dreambooth_split", "load_manifest", "verify_root", "VerifyReport", "cached_file_sha256", "ImageError"]
+           "dreambooth_split", "load_manifest", "verify_root", "VerifyReport", "cached_file_sha256", "ImageError",
+           "image_problems"]

@@ -11,6 +11,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,11 @@ def load_image(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ImageError(path, "not a regular file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # our MAX_PIXELS check below says it with the file's name; PIL's own warning would leak to the user
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(path, f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, more than the "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,35 @@ CREATE TABLE IF NOT EXISTS stage_runs (
 
 
 class Ledger:
+    """A damaged file (not a database, failing SQLite's quick_check) is set aside as ``<name>.damaged-<time>`` (kept,
+    not deleted) and a new ledger started; ``set_aside`` says where the old one went. `bench run` refills the cells
+    of every suite it runs from the cache (nothing finished is recomputed)."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path)
-        self.db.executescript(SCHEMA)
+        self.set_aside: Path | None = None
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as e:
+            self.set_aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(self.set_aside)
+            print(f"warning: {path} is damaged ({e}); set aside as {self.set_aside.name}, starting a new ledger "
+                  f"(`bench run` refills it from the cache without recomputing)", file=sys.stderr)
+            self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path)
+        try:
+            status = db.execute("PRAGMA quick_check").fetchone()[0]
+            if status != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {status}")
+            db.executescript(SCHEMA)
+            db.execute("SELECT count(*) FROM cells").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def put_cell(self, suite: str, profile: str, cell_id: str, keys: dict, status: str, reason: str,
                  metrics: dict[str, float], provenance: dict[str, Any]) -> None:

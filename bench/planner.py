@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.plugins import DEFENSES, ScenarioSpec
 from bench.profiles import Profile
+from bench.registry import ConfigError
 from bench.store import stable_hash
 from bench.suites import Entry, Suite
 
@@ -106,11 +107,26 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
             params.update(pretrain=profile.pretrain, resolution=profile.resolution)
         return b.add("model", params, (), f"model {ref}")
 
-    def protect_stage(dspec: dict, dkind: str, roles: tuple[str, ...], subj: dict, seed: int, label: str) -> tuple[str, tuple[str, ...]]:
+    def protect_stage(defense, dspec: dict, roles: tuple[str, ...], protected: list, dataset: Entry, seed: int,
+                      label: str) -> tuple[str, tuple[str, ...]]:
+        """One protect stage; a harden defense protects ``protected`` (one subject, or the suite's
+        ``protect_subjects``) in one model, other kinds protect one subject's images."""
+        dkind = type(defense).defense_kind
         deps = tuple(model_stage(r) for r in roles)
-        key = b.add("protect", {"defense": dspec, "kind": dkind, "subject": subj, "model_roles": list(roles),
-                                "seed": seed, "resolution": profile.resolution}, deps, f"protect {label}")
-        return key, deps
+        specs = [_subject_spec(dataset, s) for s in protected]
+        params: dict[str, Any] = {"defense": dspec, "kind": dkind, "model_roles": list(roles), "seed": seed,
+                                  "resolution": profile.resolution}
+        if dkind == "harden":
+            params["subjects"] = specs
+        else:
+            params["subject"] = specs[0]
+        requests = defense.generated_inputs(sorted({s.class_noun for s in protected}))
+        if requests:
+            params["generated"] = {name: b.add("class_images", {**req, "seed": seed, "resolution": profile.resolution},
+                                               (deps[0],), f"class images {req['prompt']!r}")
+                                   for name, req in sorted(requests.items())}
+            deps = deps + tuple(params["generated"].values())
+        return b.add("protect", params, deps, f"protect {label}"), deps
 
     def attack_chain(protect: str, dkind: str, spec: ScenarioSpec, attack: Entry, subject, subj: dict, seed: int,
                      label: str) -> dict[str, Any]:
@@ -154,9 +170,12 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                 for defense in suite.defenses:
                     dcls = defense.plugin_cls
                     dspec = plugin_spec(defense)
-                    roles = defense.create().model_roles()
-                    protect, protect_deps = protect_stage(dspec, dcls.defense_kind, roles, subj, seed,
-                                                          f"{defense.label} {subject.key()}")
+                    plugin = defense.create()
+                    roles = plugin.model_roles()
+                    protected = protected_subjects(defense, dataset, subjects.get(dataset.label, []), subject)
+                    protect, protect_deps = protect_stage(plugin, dspec, roles, protected, dataset, seed,
+                                                          f"{defense.label} {' '.join(s.key() for s in protected)}")
+                    defense_label = defense.label if subject in protected else f"{defense.label} [unprotected]"
                     for scenario in suite.scenarios:
                         spec: ScenarioSpec = scenario.create().spec()  # a leak larger than set_B fails that cell
                         label = f"{scenario.label} {defense.label} {subject.key()}"
@@ -177,8 +196,8 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                     deps = (generated, protect)
                                 if m.needs_baseline and dcls.defense_kind == "watermark":
                                     # the same attack on the undefended images: the negatives of a detection metric
-                                    base_protect, _ = protect_stage(baseline_spec, "perturb", (), subj, seed,
-                                                                    f"none {subject.key()}")
+                                    base_protect, _ = protect_stage(DEFENSES.get("none")(), baseline_spec, (),
+                                                                    [subject], dataset, seed, f"none {subject.key()}")
                                     base = attack_chain(base_protect, "perturb", spec, attack, subject, subj, seed,
                                                         f"{scenario.label} none {subject.key()}")
                                     cell_stages |= {base_protect, *base["stages"]}
@@ -191,7 +210,7 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                 mkey = b.add("measure", mparams, deps, f"measure {pid}")
                                 measures[pid] = mkey
                                 cell_stages |= set(deps) | {mkey}
-                            keys = {"dataset": dataset.label, "subject": subject.id, "defense": defense.label,
+                            keys = {"dataset": dataset.label, "subject": subject.id, "defense": defense_label,
                                     "scenario": scenario.label, "attack": attack.label, "seed": seed}
                             config = {"keys": keys, "defense": dspec, "scenario": _scenario_dict(spec),
                                       "attack": plugin_spec(attack), "profile": profile.name,
@@ -201,6 +220,21 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                               {"defense": protect_deps[0] if protect_deps else "", "attacker": attacker_model}))
     ordered = _topological(b.stages)
     return Plan(ordered, cells)
+
+
+def protected_subjects(defense: Entry, dataset: Entry, all_subjects: list, subject) -> list:
+    """The subjects one protect stage protects: the cell's own, or a harden defense's ``protect_subjects`` (one model
+    hardened for all of them, PersGuard's multi-object setting; cells of the other subjects measure how the hardened
+    model treats an unprotected subject)."""
+    wanted = defense.extra.get("protect_subjects")
+    if not wanted:
+        return [subject]
+    by_id = {s.id: s for s in all_subjects}
+    missing = [w for w in wanted if w not in by_id]
+    if missing:
+        raise ConfigError(f"defense {defense.label}: protect_subjects {missing} are not subjects of dataset "
+                          f"{dataset.label} (it has {sorted(by_id)[:10]}{' ...' if len(by_id) > 10 else ''})")
+    return [by_id[w] for w in wanted]
 
 
 def _measures(suite: Suite, templates: dict[str, str]):

@@ -32,6 +32,7 @@ class RunContext:
     progress: Callable[[int, int], None] = lambda done, total: None
     extra: dict[str, Any] = field(default_factory=dict)  # measurements the stage wants in the row
     models: dict[str, Path] = field(default_factory=dict)  # model role or reference -> diffusers folder
+    generated: dict[str, list] = field(default_factory=dict)  # Defense.generated_inputs name -> uint8 images
 
     def torch_generator(self, offset: int = 0):
         import torch
@@ -53,12 +54,19 @@ class Defense(Plugin):
         references. The first is passed as ``model_dir``; all are in ``ctx.models`` (ensembles)."""
         return ("default",) if (self.needs_model or self.defense_kind == "harden") else ()
 
+    def generated_inputs(self, class_nouns: list[str]) -> dict[str, dict]:
+        """Images the defense needs from its first surrogate model, as cached ``class_images`` stages shared with any
+        other stage asking for the same: name -> {"prompt", "n", "sampler", "steps", "guidance"}; the protect stage
+        gets them in ``ctx.generated[name]``. ``class_nouns``: the protected subjects' classes."""
+        return {}
+
     def protect(self, ctx: RunContext, images: list[Image], subject: "Subject", model_dir: Path | None) -> list[Image]:
         """perturb/watermark: the published images (same shapes, uint8)."""
         raise NotImplementedError
 
-    def harden(self, ctx: RunContext, model_dir: Path, subject: "Subject", out_dir: Path) -> None:
-        """harden: write a diffusers model folder (safetensors) to ``out_dir``."""
+    def harden(self, ctx: RunContext, model_dir: Path, subjects: list["Subject"], out_dir: Path) -> None:
+        """harden: write a diffusers model folder (safetensors) to ``out_dir`` that protects ``subjects`` (one, or
+        several when the suite hardens once for a list: ``protect_subjects``)."""
         raise NotImplementedError
 
     def save_detector(self, ctx: RunContext, subject: "Subject", out_dir: Path) -> None:
@@ -108,6 +116,7 @@ class MetricInputs:
     protected: list[Image] = field(default_factory=list)  # set_B after the defense
     clean: list[Image] = field(default_factory=list)  # set_B before the defense
     detector_dir: Path | None = None  # watermark defenses only
+    defense_dir: Path | None = None  # the protect stage's folder (a harden defense's model/, its own records)
     defense: str = ""
     generated_names: list[str] = field(default_factory=list)
     baseline_generated: list[Image] = field(default_factory=list)  # needs_baseline metrics of watermark defenses

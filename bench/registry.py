@@ -58,7 +58,11 @@ class Plugin:
         if missing:
             return missing
         try:
-            return cls().missing_weights()
+            params = cls.Params()
+        except TypeError:  # a required parameter (e.g. resize's size): usable; its weights depend on the value
+            return None
+        try:
+            return cls(params).missing_weights()
         except Exception as e:  # defaults that cannot be built say so rather than crash `bench list`
             return f"cannot check weights ({e})"
 
@@ -241,12 +245,14 @@ class Registry(Generic[P]):
 _BUILTIN_MODULES = (
     "defenses.baselines",
     "defenses.apdm",
+    "defenses.persguard",
     "defenses.anti_dreambooth",
     "defenses.single_model",
     "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",
     "metrics.imperceptibility",
+    "metrics.backdoor",
     "metrics.quality",
     "metrics.faces",
     "metrics.fidelity",

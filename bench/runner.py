@@ -48,6 +48,7 @@ class Prepared:
     profile: Profile
     plan: Plan
     subject_errors: dict[str, str]  # subject key -> why it could not be listed
+    subjects: dict[str, list] = field(default_factory=dict)  # dataset label -> its subjects
 
 
 def prepare(opts: RunOptions) -> Prepared:
@@ -62,7 +63,7 @@ def prepare(opts: RunOptions) -> Prepared:
     for d in suite.datasets:
         root = Path(d.extra["root"]).expanduser() if d.extra.get("root") else None
         if root is not None and not root.is_dir():
-            raise ConfigError(f"--data {d.name}={root}: no such folder")
+            raise ConfigError(f"--data {d.name}={root}: " + ("a file, not a folder" if root.exists() else "no such folder"))
         try:
             subjects[d.label] = d.create().subjects(root)
         except ValueError as e:  # DataError: wrong layout, empty root
@@ -70,8 +71,25 @@ def prepare(opts: RunOptions) -> Prepared:
         if not subjects[d.label]:
             raise ConfigError(f"dataset {d.name} at {root}: no subjects found")
     plan = build_plan(suite, profile, subjects)
+    if not plan.cells:
+        raise ConfigError(f"{suite.path}: the grid is empty (no cell to run: check datasets, defenses, scenarios, "
+                          f"attacks and seeds)")
+    check_models(plan)
     EXECUTORS.create(opts.executor, opts.executor_params, where=f"--executor {opts.executor}")  # validate early
-    return Prepared(suite, profile, plan, {})
+    return Prepared(suite, profile, plan, {}, subjects)
+
+
+def check_models(plan: Plan) -> None:
+    """Every checkpoint the plan loads is here (a local folder or the Hugging Face cache), before anything runs:
+    otherwise exit 2 once, with the download command (not the same failure in every cell)."""
+    from bench import models
+
+    for st in plan.stages.values():
+        if st.kind == "model" and "pretrain" not in st.params:  # built-in families are built, not resolved
+            try:
+                models.resolve_model(st.params["ref"])
+            except models.ModelUnavailable as e:
+                raise ConfigError(str(e)) from None
 
 
 def describe_plan(p: Prepared) -> str:
@@ -132,8 +150,11 @@ class _OutLock:
     """One driver per output folder."""
 
     def __init__(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        self.f = open(out / ".lock", "w")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.f = open(out / ".lock", "w")
+        except OSError as e:  # a file, a path under a file, a read-only folder, a full disk
+            raise ConfigError(f"--out {out}: cannot write results there ({e.strerror or e}); pick another folder") from None
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,8 +184,8 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
     stages = p.plan.stages
     executor = EXECUTORS.create(opts.executor, opts.executor_params, where=f"--executor {opts.executor}")
 
-    cached = {k for k, s in stages.items() if store.is_done(s.kind, k)}
-    todo = needed_stages(stages, cached, {k for k, s in stages.items() if store.is_pruned(s.kind, k)})
+    repaired: dict[str, str] = {}
+    cached, todo = verified_plan(stages, store, repaired)
     cached |= {k for k in stages if k not in todo}  # pruned stages nobody needs again count as done
     failed: dict[str, str] = {}
     ran: set[str] = set()
@@ -227,12 +248,39 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
         "cells_total": len(p.plan.cells), "cells_ok": cells_ok, "cells_failed": len(failures),
         "stages_total": len(stages), "stages_run": len(ran), "stages_cached": len(cached),
         "stages_failed": len([k for k in failed if k in todo]),
+        "damaged_artifacts_recomputed": repaired,
         "naive_stage_executions": p.plan.naive_stage_count(),
         "failures": failures, "leaderboard_csv": str(csv_path), "leaderboard_md": str(md_path),
         "wall_s": round(time.time() - started, 2),
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def verified_plan(stages, store: ArtifactStore, repaired: dict[str, str]) -> tuple[set[str], list[str]]:
+    """(finished stages whose artifacts verify, stages to run). Every finished stage of the plan is checked cheaply;
+    the inputs of stages about to run are checked fully (weights, images) before anything reads them. A damaged
+    artifact is discarded, said on stderr and in ``repaired`` (label -> reason), and recomputed with its dependants."""
+    def check(key: str, full: bool) -> bool:
+        st = stages[key]
+        reason = store.verify(st.kind, key, full=full)
+        if reason:
+            repaired[st.label] = reason
+            print(f"damaged artifact ({st.label}): {reason}; recomputing it", file=sys.stderr)
+            store.discard(st.kind, key)
+        return reason is None
+
+    done = {k for k, s in stages.items() if store.is_done(s.kind, k) and check(k, full=False)}
+    pruned = {k for k, s in stages.items() if store.is_pruned(s.kind, k)}
+    checked: set[str] = set()
+    while True:
+        todo = needed_stages(stages, done, pruned)
+        run = set(todo)
+        inputs = {d for k in todo for d in stages[k].deps if d not in run and d in done and d not in checked}
+        if not inputs:
+            return done, todo
+        checked |= inputs
+        done -= {d for d in sorted(inputs) if not check(d, full=True)}
 
 
 PRUNABLE = {"attack": "trained"}  # stage kind -> big artifact deleted once every consumer is done

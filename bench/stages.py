@@ -106,20 +106,21 @@ def run_model(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
 
 def run_protect(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     p = stage.params
-    subject = subject_from_spec(p["subject"])
     defense = _plugin(DEFENSES, p["defense"])
-    clean = subject.load("B", p["resolution"])
     ctx.models = {role: model_dir_of(env.store, env.stages[k]) for role, k in zip(p["model_roles"], stage.deps)}
+    ctx.generated = {name: load_images(env.store.path("class_images", key) / "images")
+                     for name, key in p.get("generated", {}).items()}
     model_dir = next(iter(ctx.models.values()), None)
+    if p["kind"] == "harden":  # the owners publish unmodified photos; the model carries the protection
+        defense.harden(ctx, model_dir, [subject_from_spec(s) for s in p["subjects"]], ctx.work_dir / "model")
+        return
+    subject = subject_from_spec(p["subject"])
+    clean = subject.load("B", p["resolution"])
     names = [Path(n).stem + ".png" for n in subject.file_names("B")]
-    if p["kind"] == "harden":
-        defense.harden(ctx, model_dir, subject, ctx.work_dir / "model")
-        published = clean  # the owner publishes unmodified photos; the model carries the protection
-    else:
-        published = defense.protect(ctx, clean, subject, model_dir)
-        _check_published(published, clean, defense, p["defense"]["name"])
-        if p["kind"] == "watermark":
-            defense.save_detector(ctx, subject, ctx.work_dir / "detector")
+    published = defense.protect(ctx, clean, subject, model_dir)
+    _check_published(published, clean, defense, p["defense"]["name"])
+    if p["kind"] == "watermark":
+        defense.save_detector(ctx, subject, ctx.work_dir / "detector")
     save_images(published, ctx.work_dir / "images", names)
     if published is not clean:
         diff = max(int(np.abs(a.astype(np.int16) - c.astype(np.int16)).max()) for a, c in zip(published, clean))
@@ -139,11 +140,17 @@ def _check_published(published: list[Image], clean: list[Image], defense, name: 
                 raise RuntimeError(f"defense {name} exceeded its budget on image {i}: L-inf {linf}/255 > {budget}/255")
 
 
+def published_images(env: StageEnv, protect: Stage, subject) -> list[Image]:
+    """The subject's set_B as its owner published it: a harden defense's owners publish unmodified photos."""
+    if protect.params["kind"] == "harden":
+        return subject.load("B", protect.params["resolution"])
+    return load_images(env.store.path("protect", protect.key) / "images")
+
+
 def run_compose(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     p = stage.params
     subject = subject_from_spec(p["subject"])
-    protect = env.dep(stage, "protect")
-    published = load_images(env.store.path("protect", protect.key) / "images")
+    published = published_images(env, env.dep(stage, "protect"), subject)
     clean_b = subject.load("B", p["resolution"])
     clean_c = subject.load("C", p["resolution"]) if subject.splits.get("C") else []
     sc = dict(p["scenario"])
@@ -209,10 +216,11 @@ def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     protect = env.dep(stage, "protect")
     ppath = env.store.path("protect", protect.key)
     inputs = MetricInputs(subject=subject, resolution=p["resolution"], defense=p["defense"])
+    inputs.defense_dir = ppath
     if (ppath / "detector").is_dir():
         inputs.detector_dir = ppath / "detector"
     if p["target"] == "protected":
-        inputs.protected = load_images(ppath / "images")
+        inputs.protected = published_images(env, protect, subject)
         inputs.clean = subject.load("B", p["resolution"])
     else:
         source = "sample" if p["target"] == "model" else "generate"
@@ -266,6 +274,9 @@ def run_stage(stage: Stage, env: StageEnv) -> StageResult:
     except Exception as e:  # recorded for the cell; the rest of the suite goes on
         store.abort(tmp)
         return StageResult(stage.key, False, error=_reason(e))
+    except BaseException:  # Ctrl-C, SystemExit: no half-written temp folder left behind
+        store.abort(tmp)
+        raise
     record = {"kind": stage.kind, "key": stage.key, "label": stage.label, "params": stage.params, "deps": list(stage.deps),
               "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
               "peak_gpu_mb": _peak_gpu_mb(), "extra": ctx.extra}

@@ -104,6 +104,21 @@ def _metric_entry(raw: Any, where: str, profile: str) -> Entry:
     return entry
 
 
+def _defense_entry(raw: Any, where: str, profile: str) -> Entry:
+    """A defense; a harden defense may take ``protect_subjects: [id, ...]``: one model hardened for all of them (the
+    multi-object setting), every subject of the dataset evaluated on it (the others as ``<label> [unprotected]``)."""
+    entry = _entry(DEFENSES, raw, where, profile, ("protect_subjects",))
+    wanted = entry.extra.get("protect_subjects")
+    if wanted is not None:
+        if entry.plugin_cls.defense_kind != "harden":
+            raise ConfigError(f"{where}: protect_subjects applies to harden defenses; {entry.name!r} is a "
+                              f"{entry.plugin_cls.defense_kind} defense (it protects each subject's own images)")
+        if not isinstance(wanted, list) or not wanted or not all(isinstance(w, str) for w in wanted) \
+                or len(set(wanted)) != len(wanted):
+            raise ConfigError(f"{where}: protect_subjects must be a non-empty list of distinct subject ids, got {wanted!r}")
+    return entry
+
+
 def _list(doc: dict, key: str, path: Path) -> list:
     value = doc.get(key)
     if value is None:
@@ -133,14 +148,15 @@ def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = N
         raw_datasets: list = [{"name": n, "root": str(p)} for n, p in data.items()]
     else:
         raw_datasets = _list(doc, "datasets", path)
-    datasets = tuple(_entry(DATASETS, d, f"{path}: datasets[{i}]", profile, ("root",)) for i, d in enumerate(raw_datasets))
+    datasets = tuple(_entry(DATASETS, d, f"--data {d['name']}={d['root']}" if data else f"{path}: datasets[{i}]", profile,
+                            ("root",)) for i, d in enumerate(raw_datasets))
     for d in datasets:
         if d.plugin_cls.needs_root and not d.extra.get("root"):
             raise ConfigError(f"{path}: dataset {d.name!r} needs a folder: pass --data {d.name}=PATH "
                               f"(see data_manifests/{d.name}.yaml for how to obtain it)")
     seeds = doc.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{path}: 'seeds' must be a list of integers, got {seeds!r}")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
     models = doc.get("models", {}) or {}
     if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
         raise ConfigError(f"{path}: 'models' maps a profile name to role overrides, e.g. models: {{paper: {{default: sd15}}}}")
@@ -150,7 +166,7 @@ def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = N
         path=path,
         description=str(doc.get("description", "")),
         datasets=datasets,
-        defenses=tuple(_entry(DEFENSES, d, f"{path}: defenses[{i}]", profile) for i, d in enumerate(_list(doc, "defenses", path))),
+        defenses=tuple(_defense_entry(d, f"{path}: defenses[{i}]", profile) for i, d in enumerate(_list(doc, "defenses", path))),
         scenarios=tuple(_entry(SCENARIOS, d, f"{path}: scenarios[{i}]", profile) for i, d in enumerate(_list(doc, "scenarios", path))),
         attacks=tuple(_entry(ATTACKS, d, f"{path}: attacks[{i}]", profile) for i, d in enumerate(_list(doc, "attacks", path))),
         metrics=tuple(_metric_entry(d, f"{path}: metrics[{i}]", profile) for i, d in enumerate(_list(doc, "metrics", path))),

@@ -93,7 +93,7 @@ def main() -> None:
     for i, cfg in enumerate(json.loads(a.configs)):
         start = time.perf_counter()
         out = work / f"hardened-{i}"
-        DEFENSES.create("apdm", cfg, profile=profile).harden(ctx(), base, subject, out)
+        DEFENSES.create("apdm", cfg, profile=profile).harden(ctx(), base, [subject], out)
         got = losses(out, f"h{i}")
         rise = {k: got[k] / ref[k] - 1 for k in got}
         print(f"{json.dumps(cfg)}: before attack subject {rise['pre_subject']:+.1%} unrelated {rise['pre_unrelated']:+.1%}"

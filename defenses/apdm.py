@@ -14,7 +14,6 @@ frozen; every random draw (batch order, VAE sample, t, eps) comes from a CPU gen
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -25,11 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attacks.dreambooth import _Batches, _check_images, _precision, generate_class_images
+from attacks.dreambooth import _Batches, _check_images, generate_class_images
 from bench import models
 from bench.diffusion import LatentCache, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, RunContext
 from bench.profiles import PROXY_CLASS_IMAGES
+from defenses.hardening import (Hardener, PersonalizationBatch, Prompts, check_finite, personalization_loss, repeat,
+                                save_hardened, squared_error)
 
 
 @dataclass(frozen=True)
@@ -104,22 +105,6 @@ def quoted_prompt(prompt: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- losses
 
-def _target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":  # the correct velocity (the reference passes model_pred here: METHODS.md 2.2)
-        return noise_scheduler.get_velocity(latents, noise, t)
-    raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config (epsilon or v_prediction)")
-
-
-def squared_error(unet, noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                  emb: torch.Tensor) -> torch.Tensor:
-    """Elementwise (N, C, H, W) squared error of the UNet's prediction at z_t = add_noise(latents, noise, t)."""
-    pred = unet(noise_scheduler.add_noise(latents, noise, t), t, emb).sample
-    return F.mse_loss(pred.float(), _target(noise_scheduler, latents, noise, t).float(), reduction="none")
-
-
 def dpo_loss(model_pos: torch.Tensor, ref_pos: torch.Tensor, model_neg: torch.Tensor, ref_neg: torch.Tensor,
              beta: float, reduction: str = "element") -> torch.Tensor:
     """Direct Protective Optimization (METHODS.md 2.1) from elementwise squared errors (N, C, H, W):
@@ -135,17 +120,6 @@ def dpo_loss(model_pos: torch.Tensor, ref_pos: torch.Tensor, model_neg: torch.Te
 
 
 @dataclass
-class PersonalizationBatch:
-    """One simulated DreamBooth step: instance latents (+ class latents), one t shared by both (as protect.py)."""
-
-    inst: torch.Tensor
-    noise_inst: torch.Tensor
-    t: torch.Tensor
-    cls: torch.Tensor | None = None
-    noise_cls: torch.Tensor | None = None
-
-
-@dataclass
 class ProtectionBatch:
     """One protection step: DPO pair (negatives, positives) with shared eps and t; optional class term."""
 
@@ -158,31 +132,6 @@ class ProtectionBatch:
     t_cls: torch.Tensor | None = None
 
 
-@dataclass
-class Prompts:
-    """Frozen text-encoder embeddings (1 x 77 x D) of the instance and class prompts."""
-
-    inst: torch.Tensor
-    cls: torch.Tensor
-
-
-def _rep(emb: torch.Tensor, n: int) -> torch.Tensor:
-    return emb.expand(n, -1, -1)
-
-
-def personalization_loss(unet, noise_scheduler, b: PersonalizationBatch, prompts: Prompts,
-                         prior_loss_weight: float) -> torch.Tensor:
-    """DreamBooth loss: instance MSE + prior_loss_weight * class MSE (METHODS.md 2.2), one forward pass."""
-    n = len(b.inst)
-    if b.cls is None:
-        return squared_error(unet, noise_scheduler, b.inst, b.noise_inst, b.t, _rep(prompts.inst, n)).mean()
-    latents = torch.cat([b.inst, b.cls])
-    noise = torch.cat([b.noise_inst, b.noise_cls])
-    emb = torch.cat([_rep(prompts.inst, n), _rep(prompts.cls, len(b.cls))])
-    err = squared_error(unet, noise_scheduler, latents, noise, torch.cat([b.t, b.t[:len(b.cls)]]), emb)
-    return err[:n].mean() + prior_loss_weight * err[n:].mean()
-
-
 def protection_loss(unet, ref_unet, noise_scheduler, b: ProtectionBatch, prompts: Prompts, beta: float,
                     reduction: str, prior_loss_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
     """L_prot = [in_ppl] prior_loss_weight * class MSE + L_DPO, both prompts as protect.py (DPO conditions both
@@ -191,7 +140,7 @@ def protection_loss(unet, ref_unet, noise_scheduler, b: ProtectionBatch, prompts
     pair = torch.cat([b.pos, b.neg])
     noise = torch.cat([b.noise, b.noise])
     t = torch.cat([b.t, b.t])
-    emb = _rep(prompts.inst, 2 * n)
+    emb = repeat(prompts.inst, 2 * n)
     with torch.no_grad():
         ref = squared_error(ref_unet, noise_scheduler, pair, noise, t, emb)
     err = squared_error(unet, noise_scheduler, pair, noise, t, emb)
@@ -199,7 +148,7 @@ def protection_loss(unet, ref_unet, noise_scheduler, b: ProtectionBatch, prompts
     parts = {"dpo": float(dpo.detach())}
     loss = dpo
     if b.cls is not None:
-        ppl = squared_error(unet, noise_scheduler, b.cls, b.noise_cls, b.t_cls, _rep(prompts.cls, len(b.cls))).mean()
+        ppl = squared_error(unet, noise_scheduler, b.cls, b.noise_cls, b.t_cls, repeat(prompts.cls, len(b.cls))).mean()
         parts["ppl"] = float(ppl.detach())
         loss = loss + prior_loss_weight * ppl
     return loss, parts
@@ -224,28 +173,18 @@ class L2PCounts:
     theta_steps: int = 0
 
 
-class L2P:
+class L2P(Hardener):
     """Learning to Protect (METHODS.md 2.2) on ``unet`` (theta, trained in place). theta_tmp is one persistent copy
     restored from theta with ``copy_`` every outer iteration, with an AdamW whose state is cleared then (the reference
     re-creates both); the reference UNet is a frozen copy of the initial theta."""
 
     def __init__(self, unet, noise_scheduler, data: L2PData, prompts: Prompts, params: APDMParams,
                  generator: torch.Generator, device: str, record: bool = False) -> None:
-        self.p, self.sched, self.data, self.prompts, self.gen = params, noise_scheduler, data, prompts, generator
-        self.theta = unet
-        self.tmp = copy.deepcopy(unet)
-        self.ref = copy.deepcopy(unet).requires_grad_(False).eval()
-        self.theta.requires_grad_(True)
-        self.tmp.requires_grad_(True).train()
-        if params.gradient_checkpointing:
-            self.tmp.enable_gradient_checkpointing()
         adam = {"lr": params.learning_rate, "betas": tuple(params.adam_betas), "weight_decay": params.weight_decay,
                 "eps": params.adam_epsilon}
-        self.theta_params = list(self.theta.parameters())
-        self.tmp_params = list(self.tmp.parameters())
-        self.opt = torch.optim.AdamW(self.theta_params, **adam)
-        self.opt_tmp = torch.optim.AdamW(self.tmp_params, **adam)
-        self.autocast, self.precision = _precision(params.mixed_precision, device)
+        super().__init__(unet, noise_scheduler, adam, adam, generator, device, params.mixed_precision,
+                         params.gradient_checkpointing)
+        self.p, self.data, self.prompts = params, data, prompts
         bs = params.train_batch_size
         n_neg = len(data.negatives)
         self._inst = _Batches(n_neg, 0, bs, generator)
@@ -257,19 +196,13 @@ class L2P:
         self.losses: list[dict[str, float]] = []
 
     # draws --------------------------------------------------------------------------------------------------
-    def _t(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.sched.config.num_train_timesteps, (n,), generator=self.gen)
-
-    def _noise(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.gen, dtype=like.dtype).to(like.device)
-
     def _class_draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.data.class_images.sample(self._cls.next()[0], self.gen)
-        return z, self._noise(z)
+        return z, self.noise(z)
 
     def draw_personalization(self) -> PersonalizationBatch:
         z = self.data.negatives.sample(self._inst.next()[0], self.gen)
-        b = PersonalizationBatch(inst=z, noise_inst=self._noise(z), t=self._t(len(z)).to(z.device))
+        b = PersonalizationBatch(inst=z, noise_inst=self.noise(z), t=self.t(len(z)).to(z.device))
         if self.p.with_prior_preservation:
             b.cls, b.noise_cls = self._class_draw()
         return b
@@ -278,10 +211,10 @@ class L2P:
         k = self._pairs.next()[0]
         neg = self.data.negatives.sample(k, self.gen)
         pos = self.data.positives.sample(k, self.gen)
-        b = ProtectionBatch(neg=neg, pos=pos, noise=self._noise(neg), t=self._t(len(neg)).to(neg.device))
+        b = ProtectionBatch(neg=neg, pos=pos, noise=self.noise(neg), t=self.t(len(neg)).to(neg.device))
         if self.p.in_ppl:
             b.cls, b.noise_cls = self._class_draw()
-            b.t_cls = self._t(len(b.cls)).to(b.cls.device)
+            b.t_cls = self.t(len(b.cls)).to(b.cls.device)
         return b
 
     # steps --------------------------------------------------------------------------------------------------
@@ -290,7 +223,7 @@ class L2P:
         self.opt_tmp.zero_grad(set_to_none=True)
         with self.autocast:
             loss = personalization_loss(self.tmp, self.sched, b, self.prompts, self.p.prior_loss_weight)
-        _check_finite(loss, "personalization", self.counts)
+        check_finite(loss, "apdm", "personalization", self.counts.outer_iterations + 1)
         loss.backward()
         self.opt_tmp.step()
         self.counts.personalization_steps += 1
@@ -304,28 +237,10 @@ class L2P:
         with self.autocast:
             loss, parts = protection_loss(self.tmp, self.ref, self.sched, b, self.prompts, self.p.beta,
                                           self.p.reduction, self.p.prior_loss_weight)
-        _check_finite(loss, "protection", self.counts)
+        check_finite(loss, "apdm", "protection", self.counts.outer_iterations + 1)
         loss.backward()
         self.counts.protection_backwards += 1
         return {"prot": float(loss.detach()), **parts}
-
-    def transfer_gradients(self) -> None:
-        """theta.grad += theta_tmp.grad (first-order transfer, METHODS.md 2.2)."""
-        with torch.no_grad():
-            for p, q in zip(self.theta_params, self.tmp_params):
-                if q.grad is None:
-                    continue
-                if p.grad is None:
-                    p.grad = q.grad.detach().clone()
-                else:
-                    p.grad.add_(q.grad)
-
-    def restore_tmp(self) -> None:
-        with torch.no_grad():
-            for p, q in zip(self.theta_params, self.tmp_params):
-                q.copy_(p)
-        self.opt_tmp.state.clear()
-        self.opt_tmp.zero_grad(set_to_none=True)
 
     def outer_iteration(self, step: bool = True) -> dict[str, float]:
         """One L2P outer iteration; with ``step=False`` theta.grad is left accumulated and theta unchanged."""
@@ -353,12 +268,6 @@ class L2P:
         mean = {k: float(np.mean([d[k] for d in logs])) for k in logs[0]}
         self.losses.append(mean)
         return mean
-
-
-def _check_finite(loss: torch.Tensor, what: str, counts: L2PCounts) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"apdm: {what} loss is {float(loss.detach())} at outer iteration "
-                                 f"{counts.outer_iterations + 1}; lower learning_rate or check the subject images")
 
 
 # ----------------------------------------------------------------------------------------------- plug-in
@@ -439,8 +348,11 @@ class APDM(Defense):
                 "n_class_images": len(class_images)}
         return trainer, comps, info
 
-    def harden(self, ctx: RunContext, model_dir: Path, subject, out_dir: Path) -> None:
+    def harden(self, ctx: RunContext, model_dir: Path, subjects: list, out_dir: Path) -> None:
         p = self.params
+        if len(subjects) != 1:
+            raise ValueError(f"apdm protects one subject per hardened model (the paper's setting), got {len(subjects)}")
+        subject = subjects[0]
         negatives = subject.load(p.negatives_split, ctx.resolution)
         trainer, comps, info = self.build(ctx, model_dir, negatives, subject.class_noun)
         start = time.perf_counter()
@@ -448,7 +360,7 @@ class APDM(Defense):
             trainer.outer_iteration()
             ctx.progress(i + 1, p.outer_iterations)
         wall = time.perf_counter() - start
-        self._save(ctx, model_dir, trainer, Path(out_dir))
+        save_hardened(ctx, model_dir, trainer.theta, Path(out_dir))
         extra = {"apdm_" + k: v for k, v in asdict(trainer.counts).items()}
         extra.update(apdm_l2p_wall_s=round(wall, 3), apdm_precision=trainer.precision,
                      apdm_gradient_checkpointing=p.gradient_checkpointing, apdm_device=ctx.device,
@@ -458,11 +370,3 @@ class APDM(Defense):
         log = {"defense": self.name, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()},
                "seed": ctx.seed, "subject": subject.key(), **info, **extra, "losses": trainer.losses}
         (Path(out_dir) / "apdm_log.json").write_text(json.dumps(log, indent=1))
-
-    @staticmethod
-    def _save(ctx: RunContext, model_dir: Path, trainer: L2P, out_dir: Path) -> None:
-        """The base pipeline with the hardened UNet, as safetensors."""
-        unet = trainer.theta.to("cpu").eval()
-        unet.requires_grad_(False)
-        pipe = models.load_pipeline(model_dir, "cpu", "default", ctx.allow_unsafe_weights, unet=unet)
-        pipe.save_pretrained(out_dir, safe_serialization=True)

@@ -162,7 +162,7 @@ def caption_losses(model: Path, seeds: list[int], resolution: int, repeats: int 
 def personalisation_scores(model: Path, subjects: list, work: Path, attack, n_images: int = 8) -> list[dict]:
     """The proxy profile's DreamBooth (``attack``) on each subject's clean set_B, and the synthetic identity metrics
     (subject-ism, subject-idr) of "a photo of sks toy" generations before (base model, generated once) and after:
-    [{"subject", "before": (ism, idr), "after": (ism, idr), "train_s"}]."""
+    [{"subject", "before": (ism, idr), "after": (ism, idr), "train_s", "images": the generations after}]."""
     import time
 
     from attacks.dreambooth import generate_class_images
@@ -193,5 +193,5 @@ def personalisation_scores(model: Path, subjects: list, work: Path, attack, n_im
         train_s = time.perf_counter() - start
         after = images(attack.load_pipeline(model, work / subject.id, "cpu"))
         rows.append({"subject": subject.id, "before": scores(subject, base), "after": scores(subject, after),
-                     "train_s": train_s})
+                     "train_s": train_s, "images": after})
     return rows

@@ -18,7 +18,7 @@ class ZeroOutputHarden(Defense):
     defense_kind = "harden"
     test_only = True
 
-    def harden(self, ctx: RunContext, model_dir: Path, subject, out_dir: Path) -> None:
+    def harden(self, ctx: RunContext, model_dir: Path, subjects, out_dir: Path) -> None:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,

@@ -160,7 +160,7 @@ def test_same_seed_same_hardened_bytes(tiny_a, subject, tmp_path):
     defense = DEFENSES.create("apdm", {**MICRO, "outer_iterations": 2, "inner_iterations": 1}, profile="tiny")
     shas = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        defense.harden(make_ctx(tmp_path, seed), tiny_a, subject, tmp_path / name)
+        defense.harden(make_ctx(tmp_path, seed), tiny_a, [subject], tmp_path / name)
         shas.append(models.weight_hashes(tmp_path / name))
     assert shas[0] == shas[1] and shas[0]["unet"] != shas[2]["unet"]
     assert shas[0]["vae"] == shas[2]["vae"] and shas[0]["text_encoder"] == shas[2]["text_encoder"]
@@ -174,7 +174,7 @@ def hardened(tiny_a, subject, tmp_path_factory) -> tuple[Path, dict]:
     ctx = make_ctx(out.parent)
     calls: list = []
     ctx.progress = lambda d, t: calls.append((d, t))
-    DEFENSES.create("apdm", profile="tiny").harden(ctx, tiny_a, subject, out)
+    DEFENSES.create("apdm", profile="tiny").harden(ctx, tiny_a, [subject], out)
     return out, {"extra": ctx.extra, "calls": calls}
 
 

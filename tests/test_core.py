@@ -191,3 +191,9 @@ def test_robustness_suite_names_every_registered_defense():
     suite = load_suite("robustness", "tiny")
     registered = {n for n, cls in DEFENSES.items() if not getattr(cls, "test_only", False)}
     assert registered <= {d.name for d in suite.defenses}
+
+
+def test_a_plugin_with_a_required_parameter_is_not_listed_unavailable():
+    from bench.plugins import TRANSFORMS
+
+    assert TRANSFORMS.get("resize").unavailable_reason() is None

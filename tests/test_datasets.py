@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bench.datasets import (
     DataError,
@@ -142,12 +143,16 @@ def test_missing_root_and_file_root(tmp_path):
         VGGFace2().subjects(None)
 
 
-def test_empty_subject_folder_fails_on_load_naming_it(tmp_path):
+def test_empty_subject_folder_is_skipped_with_a_warning_and_an_empty_split_fails_naming_it(tmp_path, capsys):
     root = _face_root(tmp_path / "faces")
     (root / "p3").mkdir()
-    empty = [s for s in VGGFace2().subjects(root) if s.id == "p3"][0]  # listed: only its own cells fail
-    with pytest.raises(DataError, match=r"p3/set_B: split B of subject vggface2/p3 has no images \(folder does not exist\)"):
-        empty.load("B", 64)
+    assert "p3" not in [s.id for s in VGGFace2().subjects(root)]  # not a subject: no cells planned for it
+    assert "p3: no images in set_A, set_B or set_C; skipped" in capsys.readouterr().err
+    (root / "p4" / "set_A").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "p4" / "set_A" / "0.png")
+    partial = [s for s in VGGFace2().subjects(root) if s.id == "p4"][0]  # listed: only its own cells fail
+    with pytest.raises(DataError, match=r"p4/set_B: split B of subject vggface2/p4 has no images \(folder does not exist\)"):
+        partial.load("B", 64)
 
 
 def test_empty_split_names_the_folder_on_load(tmp_path):
