@@ -7,6 +7,7 @@
 - ``transform``: attacker-side bypass transforms applied in order to every training image.
 - ``model-mismatch``: the attacker fine-tunes the profile's ``mismatch`` base model, not the defense's.
 - ``prompt-mismatch``: the attacker trains with another identifier and/or prompt than the defense assumed.
+- ``model-prompt-mismatch``: both at once (GenWatermark's "unknown models and text prompts", arXiv 2306.07754).
 """
 from __future__ import annotations
 
@@ -103,6 +104,18 @@ class PromptMismatch(Scenario):
 
     def spec(self) -> ScenarioSpec:
         return ScenarioSpec(identifier=self.params.identifier or "<mismatch>",
+                            instance_prompt=self.params.instance_prompt or "<mismatch>")
+
+
+@SCENARIOS.register("model-prompt-mismatch")
+class ModelPromptMismatch(Scenario):
+    """The attacker fine-tunes the profile's ``mismatch`` base model with another identifier and prompt than the
+    defense assumed (GenWatermark, Ma et al., arXiv 2306.07754: "unknown models and text prompts")."""
+
+    Params = PromptMismatchParams
+
+    def spec(self) -> ScenarioSpec:
+        return ScenarioSpec(attacker_model="mismatch", identifier=self.params.identifier or "<mismatch>",
                             instance_prompt=self.params.instance_prompt or "<mismatch>")
 
 
