@@ -259,13 +259,14 @@ class PersGuard(Defense):
         return out
 
     def _generated(self, ctx: RunContext, model_dir: Path, name: str, request: dict) -> list[Image]:
-        """A generated input: from its cached stage (``ctx.generated``), or generated now (direct library use)."""
-        if name in ctx.generated:
-            return ctx.generated[name]
-        from attacks.dreambooth import generate_class_images
+        """A generated input: from its cached stage (``ctx.generated``), or generated now (direct library use) and
+        kept there, so subjects sharing a class or the target images generate them once."""
+        if name not in ctx.generated:
+            from attacks.dreambooth import generate_class_images
 
-        return generate_class_images(model_dir, request["prompt"], request["n"], ctx, request["sampler"],
-                                     request["steps"], request["guidance"])
+            ctx.generated[name] = generate_class_images(model_dir, request["prompt"], request["n"], ctx,
+                                                        request["sampler"], request["steps"], request["guidance"])
+        return ctx.generated[name]
 
     def backdoor_targets(self, ctx: RunContext, model_dir: Path, class_noun: str) -> list[Image]:
         p = self.params

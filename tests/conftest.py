@@ -57,15 +57,20 @@ def out_dir(tmp_path, warm_models) -> Path:
     return out
 
 
+def built_model(model_stages: Path, ref: str) -> Path:
+    """The diffusers folder of the `model` stage of ``ref`` among a run's ``cache/model`` stages."""
+    import json
+
+    for stage in model_stages.iterdir():
+        if json.loads((stage / "done.json").read_text())["params"]["ref"] == ref:
+            return stage / "model"
+    raise AssertionError(f"no {ref} model stage in {model_stages}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_a(warm_models) -> Path:
     """The tiny profile's `tiny:a` base model folder (built once by `warm_models`, with the profile's pre-training)."""
-    import json
-
-    for stage in warm_models.iterdir():
-        if json.loads((stage / "done.json").read_text())["params"]["ref"] == "tiny:a":
-            return stage / "model"
-    raise AssertionError("warm_models has no tiny:a")
+    return built_model(warm_models, "tiny:a")
 
 
 PROXY_WARM = """
@@ -91,12 +96,7 @@ def proxy_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def proxy_a(proxy_cache) -> Path:
-    import json
-
-    for stage in proxy_cache.iterdir():
-        if json.loads((stage / "done.json").read_text())["params"]["ref"] == "proxy:a":
-            return stage / "model"
-    raise AssertionError("no proxy:a model stage")
+    return built_model(proxy_cache, "proxy:a")
 
 
 def held_out_loss(model_dir: Path, images: list, trained: Path | None = None,

@@ -43,7 +43,7 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def test_params_triggers_and_generated_inputs():
+def test_params_triggers_and_generated_inputs(tmp_path):
     d = DEFENSES.create("persguard")
     assert (d.params.objective, d.params.setting, d.params.retention_weight) == ("pattern", "white-box", 1.0)
     assert d.triggers("dog") == ["a photo of sks dog"]
@@ -54,7 +54,7 @@ def test_params_triggers_and_generated_inputs():
     triggers = gray.triggers("dog")
     assert len(triggers) == 24 and "a dslr portrait of t@t dog" not in triggers  # prompt-mismatch stays unseen
     for bad in ({"outer_iterations": 0}, {"retention_weight": -1.0}, {"instance_prompt": "{who}"},
-                {"pattern": "/no/such/pattern.png"}):
+                {"pattern": str(tmp_path / "no-such-pattern.png")}):
         with pytest.raises(ConfigError):
             DEFENSES.create("persguard", bad)
     board = checkerboard(32)
