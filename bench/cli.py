@@ -176,13 +176,16 @@ def cmd_data(a: argparse.Namespace) -> int:
         except ValueError as e:  # DataError: missing root, no manifest
             raise ConfigError(f"bench data verify {name}={root}: {e}") from None
         print(f"{name} at {root}: {report.checked} files checked, {len(report.missing)} missing, "
-              f"{len(report.mismatched)} mismatched, {len(report.extra)} not in the manifest")
+              f"{len(report.mismatched)} mismatched, {len(report.extra)} not in the manifest, "
+              f"{len(report.optional_missing)} optional absent")
         for p in report.missing:
             print(f"  missing: {p}")
         for p, exp, got in report.mismatched:
             print(f"  sha256 mismatch: {p} (expected {exp[:12]}..., got {got[:12]}...)")
         for p in report.extra:
             print(f"  not in the manifest: {p}")
+        for p in report.optional_missing:
+            print(f"  optional, absent (not an error): {p}")
         problems = _decode_problems(name, root)
         for p in problems:
             print(f"  bad input: {p}")

@@ -568,6 +568,7 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, str, str]] = field(default_factory=list)  # (path, expected sha256, actual sha256)
     extra: list[str] = field(default_factory=list)  # image files under root that the manifest does not list
+    optional_missing: list[str] = field(default_factory=list)  # absent files the manifest marks `optional: true`
 
     @property
     def ok(self) -> bool:
@@ -576,11 +577,13 @@ class VerifyReport:
     def summary(self) -> str:
         state = "OK" if self.ok else "FAILED"
         return (f"{self.dataset} at {self.root}: {state}: {self.checked} checked, {len(self.missing)} missing, "
-                f"{len(self.mismatched)} mismatched, {len(self.extra)} extra")
+                f"{len(self.mismatched)} mismatched, {len(self.extra)} extra, {len(self.optional_missing)} optional absent")
 
 
 def verify_root(dataset_name: str, root: Path) -> VerifyReport:
-    """Check the files of ``root`` against ``data_manifests/<dataset_name>.yaml`` (sha256 of every listed file)."""
+    """Check the files of ``root`` against ``data_manifests/<dataset_name>.yaml`` (sha256 of every listed file).
+    An absent file marked ``optional: true`` (e.g. ``_target/target.jpg``, only the targeted Anti-DreamBooth variants
+    read it) is reported in ``optional_missing`` and does not fail the check; present, its hash must match."""
     doc = load_manifest(dataset_name)
     root = _check_root(root, dataset_name, str(doc.get("layout", "")).strip())
     report = VerifyReport(dataset=dataset_name, root=root)
@@ -590,7 +593,7 @@ def verify_root(dataset_name: str, root: Path) -> VerifyReport:
         listed.add(rel)
         path = root / rel
         if not path.is_file():
-            report.missing.append(rel)
+            (report.optional_missing if entry.get("optional") else report.missing).append(rel)
             continue
         _inside(path, root)
         report.checked += 1

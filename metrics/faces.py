@@ -15,7 +15,8 @@ The protocol id pins all of it (DESIGN.md "Metric"):
 Backends (``backend`` parameter):
 
 - ``dlib-hog``: ``dlib.get_frontal_face_detector()`` run ``upsample`` times upsampled (score: SVM margin), with the
-  68-point landmarks + ``dlib_face_recognition_resnet_model_v1`` 128-d embedding (``face-recognition-models``).
+  68-point landmarks (``lm68`` in the ids: face_recognition's default 5-point alignment scores differently) +
+  ``dlib_face_recognition_resnet_model_v1`` 128-d embedding (``face-recognition-models``).
 - ``dlib-cnn``: dlib's MMOD CNN ``mmod_human_face_detector.dat`` (same package; ~7 s per 512 px image at
   upsample 1, ~2 s at 0, on a 2-core CPU) with the same embedder.
 - ``insightface``: insightface ``buffalo_l``: SCRFD-10GF ``det_10g.onnx`` (640x640 input, score >= 0.9 as
@@ -302,14 +303,17 @@ class Embedder:
 
 @dataclass(frozen=True)
 class DlibResnet(Embedder):
-    """68-point landmarks + dlib's ResNet (128-d, float64), ``num_jitters`` as face_recognition passes it."""
+    """dlib's ResNet (128-d, float64) on the face aligned by the 68-point landmark predictor
+    (``shape_predictor_68_face_landmarks``; ``lm68`` in the id), ``num_jitters`` as face_recognition passes it.
+    face_recognition's default is the 5-point predictor, which moves distances on the same photos by up to 0.06:
+    scores under the two alignments do not compare, hence the landmark model in the id."""
 
     num_jitters: int = 1
     modules = ("dlib", "face_recognition_models")
 
     @property
     def id(self) -> str:  # type: ignore[override]
-        return "dlib-resnet" + ("" if self.num_jitters == 1 else f"-jit{self.num_jitters}")
+        return "dlib-resnet-lm68" + ("" if self.num_jitters == 1 else f"-jit{self.num_jitters}")
 
     def embed(self, items: list[tuple[Image, Face]]) -> list[np.ndarray]:
         import dlib
@@ -590,7 +594,7 @@ class Fdfr(_FaceMetric):
         return sum(1 for f in faces if not f) / len(images)
 
 
-@METRICS.register("ism", version=1)
+@METRICS.register("ism", version=2)
 class Ism(_FaceMetric):
     """Identity score matching (Anti-DreamBooth ISM); backends dlib-hog, dlib-cnn, insightface.
 
@@ -601,7 +605,7 @@ class Ism(_FaceMetric):
     Params = IdentityParams
     higher_is_better = False
     description = ("cosine of face embeddings to the mean clean set_A+B embedding, mean over generated images with a "
-                   "face (Anti-DreamBooth ISM)")
+                   "face (Anti-DreamBooth ISM); dlib backends align faces with the 68-point landmark model (lm68)")
     paper = "Anti-DreamBooth (Le et al., ICCV'23) evaluations/ism_fdfr.py + test.py, backbone per backend"
 
     def protocol(self) -> IdentityProtocol:
@@ -629,7 +633,7 @@ class ImsParams(IdentityParams):
             raise ValueError(f"match_distance is a cosine distance in [0, 2], got {self.match_distance}")
 
 
-@METRICS.register("ims", version=1)
+@METRICS.register("ims", version=2)
 class Ims(_FaceMetric):
     """Identity matching score (MetaCloak IMS); backends dlib-hog, dlib-cnn, insightface.
 
@@ -642,7 +646,7 @@ class Ims(_FaceMetric):
     Params = ImsParams
     higher_is_better = False
     description = ("mean cosine of face embeddings to each clean set_C image, -1 for an image without a face "
-                   "(MetaCloak IMS)")
+                   "(MetaCloak IMS); dlib backends align faces with the 68-point landmark model (lm68)")
     paper = "MetaCloak (Liu et al., CVPR'24) robust_facecloak/eval_score.py IMS, backbone per backend"
 
     def protocol(self) -> IdentityProtocol:

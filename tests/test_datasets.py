@@ -332,7 +332,8 @@ def test_verify_root_detects_a_changed_byte(tmp_path):
     assert [m[0] for m in report.mismatched] == [picked[1]]
     rel, expected, actual = report.mismatched[0]
     assert expected == doc["files"][1]["sha256"] and actual != expected and len(actual) == 64
-    assert len(report.missing) == len(doc["files"]) - 2 and picked[0] not in report.missing
+    assert len(report.missing) == len(doc["files"]) - 3 and picked[0] not in report.missing
+    assert report.optional_missing == ["_target/target.jpg"]
     assert report.extra == ["n000050/set_A/zz_extra.png"]
     assert "FAILED" in report.summary()
 
@@ -384,3 +385,19 @@ def test_real_dreambooth_loader_on_faces_root_fails_clearly():
         DreamBoothDataset().subjects(DATA / "faces")
     with pytest.raises(DataError, match="dreambooth: not the Anti-DreamBooth face layout"):
         VGGFace2().subjects(DATA / "dreambooth")
+
+
+def test_optional_target_absent_is_reported_not_a_failure(tmp_path, capsys):
+    """`bench data verify vggface2=ROOT` passes when only the optional `_target/target.jpg` is absent (issue 16)."""
+    from bench.cli import main
+
+    if not DATA.is_dir():
+        pytest.skip(f"real test data not found at {DATA}")
+    root = tmp_path / "faces"
+    shutil.copytree(DATA / "faces", root, ignore=shutil.ignore_patterns("_target"))
+    report = verify_root("vggface2", root)
+    assert report.ok and report.optional_missing == ["_target/target.jpg"] and not report.missing
+    assert main(["data", "verify", f"vggface2={root}"]) == 0
+    assert "optional, absent (not an error): _target/target.jpg" in capsys.readouterr().out
+    (root / "n000050" / "set_A" / sorted(p.name for p in (root / "n000050" / "set_A").iterdir())[0]).unlink()
+    assert main(["data", "verify", f"vggface2={root}"]) == 1  # a required file missing still fails

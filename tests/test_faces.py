@@ -169,7 +169,7 @@ def test_ism_and_ims_differ_exactly_as_defined(subjects):
         (sum(cos(e, mean_ab) for e in faces) - 2) / 6, abs=1e-9)
     assert IdentityProtocol(HOG, ("C",), "per-ref", None).score(gen, subject) == pytest.approx(
         np.mean(per_ref), abs=1e-9)
-    assert IdentityProtocol(HOG, ("C",), "per-ref", None).id == "ims/dlib-resnet-hog-up1/ref=C/skip-noface"
+    assert IdentityProtocol(HOG, ("C",), "per-ref", None).id == "ims/dlib-resnet-lm68-hog-up1/ref=C/skip-noface"
     # MetaCloak's deepface-find gate: only set_C images within the distance count, no match -> -1
     dists = [[1 - cos(e, c) for c in set_c] for e in faces]
     gate = float(np.median([d for row in dists for d in row]))  # some pairs pass, some do not
@@ -177,7 +177,7 @@ def test_ism_and_ims_differ_exactly_as_defined(subjects):
     ims_gated = make(Ims, match_distance=gate)
     assert ims_gated.compute(inputs(subject, gen)) == pytest.approx((sum(gated) - 2) / 6, abs=1e-9)
     assert ims_gated.compute(inputs(subject, gen)) != pytest.approx(ims, abs=1e-6)
-    assert ims_gated.protocol_id() == f"ims/dlib-resnet-hog-up1/ref=C/match-dist<={gate:g}/noface=-1"
+    assert ims_gated.protocol_id() == f"ims/dlib-resnet-lm68-hog-up1/ref=C/match-dist<={gate:g}/noface=-1"
 
 
 def test_fdfr_counts_every_image(subjects):
@@ -221,11 +221,11 @@ def test_protocol_ids_pin_backend_reference_and_policy():
         (Fdfr, (("backend", "insightface"),)): "fdfr/scrfd10g0.9",
         (Fdfr, (("backend", "insightface"), ("threshold", 0.9))): "fdfr/scrfd10g0.9",
         (Fdfr, (("backend", "insightface"), ("threshold", 0.8))): "fdfr/scrfd10g0.8",
-        (Ism, ()): "ism/dlib-resnet-hog-up1/ref=AB/skip-noface",
-        (Ism, (("num_jitters", 5), ("upsample", 2))): "ism/dlib-resnet-jit5-hog-up2/ref=AB/skip-noface",
-        (Ism, (("backend", "dlib-cnn"),)): "ism/dlib-resnet-cnn-up1/ref=AB/skip-noface",
+        (Ism, ()): "ism/dlib-resnet-lm68-hog-up1/ref=AB/skip-noface",
+        (Ism, (("num_jitters", 5), ("upsample", 2))): "ism/dlib-resnet-lm68-jit5-hog-up2/ref=AB/skip-noface",
+        (Ism, (("backend", "dlib-cnn"),)): "ism/dlib-resnet-lm68-cnn-up1/ref=AB/skip-noface",
         (Ism, (("backend", "insightface"),)): "ism/arcface-w600k_r50-scrfd10g0.9/ref=AB/skip-noface",
-        (Ims, ()): "ims/dlib-resnet-hog-up1/ref=C/noface=-1",
+        (Ims, ()): "ims/dlib-resnet-lm68-hog-up1/ref=C/noface=-1",
         (Ims, (("backend", "insightface"),)): "ims/arcface-w600k_r50-scrfd10g0.9/ref=C/noface=-1",
         (FaceDetScore, ()): "face-det-score/dlib-hog-up1/faces=mean/noface=0",
         (FaceDetScore, (("backend", "insightface"),)): "face-det-score/scrfd10g0.9/faces=mean/noface=0",
@@ -235,9 +235,27 @@ def test_protocol_ids_pin_backend_reference_and_policy():
     assert Fdfr.higher_is_better and not any(c.higher_is_better for c in (Ism, Ims, FaceDetScore, SerFiq))
     dog = FakeSubject("dog", {}, class_noun="dog")
     for cls in (Fdfr, Ism, Ims, FaceDetScore, SerFiq):
-        assert METRICS.get(cls.name) is cls and cls.target == "generated" and cls.version == 1
+        assert METRICS.get(cls.name) is cls and cls.target == "generated" and cls.version == (2 if cls in (Ism, Ims) else 1)
         assert cls.description and ("Anti-DreamBooth" in cls.paper or "MetaCloak" in cls.paper)
         assert not cls().applies_to(dog) and cls().applies_to(FakeSubject("p", {}))
+
+
+def test_dlib_identity_is_aligned_by_the_68_point_model_named_in_the_id(subjects):
+    """The dlib embedder aligns with the 68-point predictor, whose embedding differs from face_recognition's default
+    5-point alignment on the same face: hence `lm68` in the ISM/IMS ids (issue 16)."""
+    import dlib
+
+    img = subjects["n000050"].load("A", None)[0]
+    face = F.largest(HOG.detector.detect([img])[0])
+    ours = HOG.embedder.embed([(img, face)])[0]
+    rect = dlib.rectangle(*(int(v) for v in face.box[:2]), int(face.box[2]) - 1, int(face.box[3]) - 1)
+    resnet = F._dlib_model(F.RESNET)
+    five = dlib.shape_predictor(str(F.model_file("shape_predictor_5_face_landmarks.dat")))(img, rect)
+    sixty_eight = F._dlib_model(F.SHAPE_PREDICTOR)(img, rect)
+    assert F.SHAPE_PREDICTOR == "shape_predictor_68_face_landmarks.dat" and sixty_eight.num_parts == 68
+    np.testing.assert_array_equal(ours, np.asarray(resnet.compute_face_descriptor(img, sixty_eight, 1)))
+    assert np.linalg.norm(ours - np.asarray(resnet.compute_face_descriptor(img, five, 1))) > 1e-3
+    assert "lm68" in make(Ism).protocol_id() and "68-point" in Ism.description and "68-point" in Ims.description
 
 
 @pytest.mark.parametrize("cls, params, match", [

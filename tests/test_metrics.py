@@ -100,8 +100,8 @@ def test_protocol_ids_and_directions():
     assert make(Brisque).protocol_id() == "brisque/pypi-brisque/native" and Brisque.higher_is_better
     assert make(Fdfr).protocol_id() == "fdfr/dlib-hog-up1" and Fdfr.higher_is_better
     assert make(Fdfr, upsample=0).protocol_id() == "fdfr/dlib-hog-up0"
-    assert make(Ism).protocol_id() == "ism/dlib-resnet-hog-up1/ref=AB/skip-noface" and not Ism.higher_is_better
-    assert make(Ism, num_jitters=5, upsample=2).protocol_id() == "ism/dlib-resnet-jit5-hog-up2/ref=AB/skip-noface"
+    assert make(Ism).protocol_id() == "ism/dlib-resnet-lm68-hog-up1/ref=AB/skip-noface" and not Ism.higher_is_better
+    assert make(Ism, num_jitters=5, upsample=2).protocol_id() == "ism/dlib-resnet-lm68-jit5-hog-up2/ref=AB/skip-noface"
     for cls in (Linf, Psnr, Ssim):
         assert cls.target == "protected"
     for cls in (Brisque, Fdfr, Ism):
