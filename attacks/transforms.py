@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from PIL import Image as PILImage
-from skimage.util import random_noise
 
 from bench.plugins import TRANSFORMS, Image, Transform
 
@@ -183,5 +182,7 @@ class GaussianNoise(Transform):
 
     def apply(self, image: Image, rng: np.random.Generator) -> Image:
         check_image(image, "gaussian-noise")
+        from skimage.util import random_noise  # imports scipy.stats (~1 s): only when applied
+
         noisy = random_noise(image, mode="gaussian", var=self.params.sigma ** 2, clip=True, rng=rng)
         return np.round(noisy * 255.0).astype(np.uint8)

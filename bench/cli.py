@@ -43,6 +43,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                       executor_params=_kv_arg(a.executor_opt, "--executor-opt"), dry_run=a.dry_run,
                       allow_unsafe_weights=a.allow_unsafe_weights, keep_weights=a.keep_weights, device=a.device)
     prepared = prepare(opts)
+    _warn(prepared.warnings)
     if a.dry_run:
         print(describe_plan(prepared))
         return _report_bad_inputs(prepared)
@@ -101,12 +102,26 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
+    """Exit 0 when the suite is well formed, whether or not it can run here (what is missing here is listed, with
+    the fetch commands); 2 when it is not; 1 when a --data folder holds images a run cannot open."""
     from bench.runner import RunOptions, describe_plan, prepare
 
-    prepared = prepare(RunOptions(suite=a.suite, profile=a.profile, data=_data_arg(a.data)))
-    print(f"{a.suite}: valid")
+    prepared = prepare(RunOptions(suite=a.suite, profile=a.profile, data=_data_arg(a.data)), runnable=False)
+    print(f"{a.suite}: valid (well formed)")
     print(describe_plan(prepared))
+    if prepared.cannot_run:
+        print(f"cannot run here at the {a.profile} profile (the suite is valid; fetch these first):")
+        for reason in prepared.cannot_run:
+            print(f"  {reason}")
+    else:
+        print(f"runs here at the {a.profile} profile: every plug-in module, weight and model is present")
+    _warn(prepared.warnings)
     return _report_bad_inputs(prepared)
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def _report_bad_inputs(prepared) -> int:
@@ -144,6 +159,32 @@ def cmd_leaderboard(a: argparse.Namespace) -> int:
         print(render_markdown(df, s))
     if not suites:
         print("(no results)")
+    return 0
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    """Score image folders with metric protocols (bench/score.py); CSV to --out or stdout, a summary on stderr."""
+    import pandas as pd
+
+    from bench.score import ALL, parse_metric, plan_jobs, score
+
+    load_builtins()
+    layout = None
+    if a.subject_layout:
+        name, _, root = a.subject_layout.partition("=")
+        layout = (name.strip(), Path(root).expanduser() if root else None)
+    metrics = [parse_metric(m, a.profile) for m in a.metric]
+    jobs = plan_jobs(Path(a.images).expanduser(), Path(a.reference).expanduser() if a.reference else None, layout,
+                     Path(a.clean).expanduser() if a.clean else None, a.class_noun)
+    frame = pd.DataFrame(score(jobs, metrics, a.profile))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(a.out, index=False)
+        print(f"per-image and per-subject scores: {a.out}", file=sys.stderr)
+    else:
+        frame.to_csv(sys.stdout, index=False)
+    summary = frame[frame["image"] == ALL].drop(columns=["image"])
+    print(summary.to_string(index=False), file=sys.stderr)
     return 0
 
 
@@ -270,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--reference", default=None, help="paper reference table under leaderboards/ to compare with")
     lb.set_defaults(fn=cmd_leaderboard)
 
+    sc = sub.add_parser("score", help="score image folders with metric protocols (no fine-tuning), per image and "
+                                      "per subject, same protocol ids and numbers as a run")
+    sc.add_argument("--metric", action="append", required=True,
+                    help="metric name or a YAML mapping as in a suite, e.g. ism or '{name: ism, backend: insightface}'")
+    sc.add_argument("--images", required=True, help="images to score (generated or protected, by the metric)")
+    sc.add_argument("--reference", default=None, help="one subject: its reference images (every split)")
+    sc.add_argument("--subject-layout", default=None, metavar="NAME=ROOT",
+                    help="IMAGES/<subject id>/ per subject of dataset NAME at ROOT (e.g. vggface2=../shared/data/faces)")
+    sc.add_argument("--clean", default=None,
+                    help="clean originals of protected images, paired by file stem (default: the subject's set_B)")
+    sc.add_argument("--class-noun", default="person", help="class noun of a --reference subject (face metrics: person)")
+    sc.add_argument("--profile", default="paper", help="the profile whose metric settings apply (default paper)")
+    sc.add_argument("--out", default=None, help="CSV file (default: stdout)")
+    sc.set_defaults(fn=cmd_score)
+
     vf = sub.add_parser("verify", help="check every cached artifact of an output folder against its recorded hashes")
     vf.add_argument("--out", default="runs")
     vf.add_argument("--fix", action="store_true", help="delete damaged artifacts so that the next run recomputes them")
@@ -290,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("--all", action="store_true", help="fetch every known entry")
     wf.set_defaults(fn=cmd_weights)
     return ap
+
+
+COMPUTE_COMMANDS = ("run", "score", "weights")
 
 
 def quiet_libraries() -> None:
@@ -321,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         a = parser.parse_args(argv)
     except SystemExit as e:  # argparse: 2 on bad command lines
         return int(e.code or 0)
-    quiet_libraries()
-    configure_threads()
+    if a.cmd in COMPUTE_COMMANDS:  # the others answer without importing torch or diffusers (bench/lazy.py)
+        quiet_libraries()
+        configure_threads()
     try:
         return a.fn(a)
     except ConfigError as e:

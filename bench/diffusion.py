@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 
 def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:

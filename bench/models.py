@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
 
 from bench.images import file_sha256  # noqa: F401  (re-exported: weight hashes)
 
@@ -485,13 +486,14 @@ class SDComponents:
     noise_scheduler: Any
 
 
-def load_components(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+def load_components(model_dir: Path, device: str = "cpu", dtype: "torch.dtype | None" = None,
                     allow_unsafe: bool = False) -> SDComponents:
     """Tokenizer, text encoder, VAE, UNet and the training DDPMScheduler of a local diffusers folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     model_dir = Path(model_dir)
+    dtype = torch.float32 if dtype is None else dtype
     check_safe(model_dir, allow_unsafe)
     kw = {"use_safetensors": None if allow_unsafe else True, "local_files_only": True}
     return SDComponents(

@@ -83,7 +83,11 @@ class _Builder:
 
 
 def plugin_spec(entry: Entry) -> dict:
-    return {"name": entry.name, "version": entry.plugin_cls.version, "params": entry.params_dict()}
+    spec = {"name": entry.name, "version": entry.plugin_cls.version, "params": entry.params_dict()}
+    inputs = entry.create().inputs_fingerprint()
+    if inputs:  # files named by a parameter (an external folder or model): their content is in the key
+        spec["inputs"] = inputs
+    return spec
 
 
 def _subject_spec(dataset: Entry, subject) -> dict:

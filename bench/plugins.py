@@ -152,6 +152,11 @@ class Metric(Plugin):
     def compute(self, inputs: MetricInputs) -> float:
         raise NotImplementedError
 
+    def cannot_measure(self, resolution: int, harness_models: bool) -> str | None:
+        """Why this metric can measure nothing at this scale (generated images of ``resolution`` px; models built by
+        the harness, tiny/proxy), said before a run; None when it can."""
+        return None
+
     def sampling(self) -> dict:
         """target "model" only: {"prompts": [...], "sampler", "steps", "guidance", "n_per_prompt"} (hashed into the
         ``sample`` stage's key, so metrics that ask for the same images share one stage)."""

@@ -74,6 +74,11 @@ class Plugin:
         extra = f" (pip install 'antipersonalization-bench[{cls.requires.extra}]')" if cls.requires.extra else ""
         return f"missing Python module(s) {', '.join(missing)}{extra}"
 
+    def inputs_fingerprint(self) -> str:
+        """A digest of files the plug-in reads that its parameters only name (an external folder or model), part of
+        every cache key that includes the plug-in: changing those files recomputes. "" for none."""
+        return ""
+
     def weight_names(self) -> tuple[str, ...]:
         """Weights this instance needs (names in ``bench.weights.WEIGHTS`` or Hugging Face ids); may depend on params."""
         return tuple(self.requires.weights)
@@ -181,9 +186,11 @@ def describe_params(cls: type[Plugin]) -> str:
     hints = typing.get_type_hints(cls.Params)
     parts = []
     for f in dataclasses.fields(cls.Params):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "?")  # type: ignore[misc]
         tname = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            parts.append(f"{f.name}: {tname} (required)")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         parts.append(f"{f.name}: {tname} = {default!r}")
     return ", ".join(parts)
 
@@ -249,6 +256,7 @@ _BUILTIN_MODULES = (
     "defenses.anti_dreambooth",
     "defenses.single_model",
     "defenses.genwatermark",
+    "defenses.external",
     "attacks.transforms",
     "attacks.dreambooth",
     "metrics.imperceptibility",

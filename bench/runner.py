@@ -16,7 +16,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.leaderboard import write_leaderboard
 from bench.ledger import Ledger
 from bench.planner import Cell, Plan, build_plan, stage_depths
 from bench.plugins import EXECUTORS
@@ -49,13 +48,17 @@ class Prepared:
     plan: Plan
     subject_errors: dict[str, str]  # subject key -> why it could not be listed
     subjects: dict[str, list] = field(default_factory=dict)  # dataset label -> its subjects
+    cannot_run: list[str] = field(default_factory=list)  # well formed, but missing weights/models/modules here
+    warnings: list[str] = field(default_factory=list)  # runs, but some columns cannot measure anything at this scale
 
 
-def prepare(opts: RunOptions) -> Prepared:
-    """Everything that can fail before any work: suite, profile, datasets, plan (ConfigError -> exit 2)."""
+def prepare(opts: RunOptions, runnable: bool = True) -> Prepared:
+    """Everything that can fail before any work: suite, profile, datasets, plan (ConfigError -> exit 2).
+    ``runnable``: also refuse a suite that is well formed but cannot run here (every missing plug-in module, metric
+    weight and model checkpoint said at once, with the fetch commands); else they are listed in ``cannot_run``."""
     load_builtins()
     profile = get_profile(opts.profile)
-    suite = load_suite(opts.suite, profile.name, opts.data)
+    suite = load_suite(opts.suite, profile.name, opts.data, runnable=False)
     if suite.models:  # a suite may fix models per profile (APDM fine-tunes SD1.5 in every row)
         roles = {role: profile.models.get(ref, ref) for role, ref in suite.models.items()}
         profile = dataclasses.replace(profile, models={**profile.models, **roles})
@@ -74,22 +77,44 @@ def prepare(opts: RunOptions) -> Prepared:
     if not plan.cells:
         raise ConfigError(f"{suite.path}: the grid is empty (no cell to run: check datasets, defenses, scenarios, "
                           f"attacks and seeds)")
-    check_models(plan)
     EXECUTORS.create(opts.executor, opts.executor_params, where=f"--executor {opts.executor}")  # validate early
-    return Prepared(suite, profile, plan, {}, subjects)
+    cannot_run = suite.cannot_run() + missing_models(plan)
+    if runnable and cannot_run:
+        raise ConfigError("cannot run here:\n  " + "\n  ".join(cannot_run))
+    return Prepared(suite, profile, plan, {}, subjects, cannot_run, scale_warnings(suite, profile, subjects))
 
 
-def check_models(plan: Plan) -> None:
-    """Every checkpoint the plan loads is here (a local folder or the Hugging Face cache), before anything runs:
-    otherwise exit 2 once, with the download command (not the same failure in every cell)."""
+def missing_models(plan: Plan) -> list[str]:
+    """Each checkpoint the plan loads that is not here (a local folder or the Hugging Face cache), with the download
+    command: found before anything runs, said once (not the same failure in every cell)."""
     from bench import models
 
+    missing = []
     for st in plan.stages.values():
         if st.kind == "model" and "pretrain" not in st.params:  # built-in families are built, not resolved
             try:
                 models.resolve_model(st.params["ref"])
             except models.ModelUnavailable as e:
-                raise ConfigError(str(e)) from None
+                missing.append(str(e))
+    return sorted(set(missing))
+
+
+def scale_warnings(suite: Suite, profile: Profile, subjects: dict[str, list]) -> list[str]:
+    """Metric columns that will be empty or constant at this scale, said before the run (``Metric.cannot_measure``),
+    once per metric and dataset."""
+    from bench.models import builtin_family
+
+    harness_models = all(builtin_family(ref) for ref in profile.models.values())
+    out = []
+    for label, subs in subjects.items():
+        reasons: dict[str, list[str]] = {}
+        for m in suite.metrics:
+            metric = m.create()
+            why = metric.cannot_measure(profile.resolution, harness_models) if any(map(metric.applies_to, subs)) else None
+            if why:
+                reasons.setdefault(why, []).append(m.label)
+        out += [f"{', '.join(labels)} on {label} at the {profile.name} profile: {why}" for why, labels in reasons.items()]
+    return out
 
 
 def describe_plan(p: Prepared) -> str:
@@ -241,6 +266,8 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
             failures[_cell_name(cell)] = reason
     plan_ids = {c.cell_id for c in p.plan.cells}
     rows = [r for r in ledger.cells(p.suite.name, p.profile.name) if r["cell_id"] in plan_ids]
+    from bench.leaderboard import write_leaderboard  # pandas: not for `bench validate`
+
     csv_path, md_path = write_leaderboard(rows, out, p.suite.name)
     ledger.close()
     summary = {
@@ -251,7 +278,7 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
         "damaged_artifacts_recomputed": repaired,
         "naive_stage_executions": p.plan.naive_stage_count(),
         "failures": failures, "leaderboard_csv": str(csv_path), "leaderboard_md": str(md_path),
-        "wall_s": round(time.time() - started, 2),
+        "wall_s": round(time.time() - started, 2), "warnings": p.warnings,
     }
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -28,6 +28,7 @@ class Entry:
     params: Any  # the plug-in's Params instance
     plugin_cls: type
     extra: dict  # non-parameter keys (dataset: root)
+    unavailable: str = ""  # why it cannot run here (missing module or weights; the suite is still well formed)
 
     def params_dict(self) -> dict:
         return params_dict(self.params)
@@ -48,6 +49,11 @@ class Suite:
     metrics: tuple[Entry, ...]
     seeds: tuple[int, ...]
     models: dict[str, str]  # model-role overrides for the chosen profile (suite key `models: {paper: {default: sd15}}`)
+
+    def cannot_run(self) -> list[str]:
+        """Why a well-formed suite cannot run on this machine: each plug-in whose modules or weights are missing."""
+        entries = self.datasets + self.defenses + self.scenarios + self.attacks + self.metrics
+        return [e.unavailable for e in entries if e.unavailable]
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -86,9 +92,8 @@ def _entry(registry: Registry, raw: Any, where: str, profile: str, extra_keys: t
     cls = registry.get(name, where)
     params = build_params(cls, {**raw, **by_profile.get(profile, {})}, profile, f"{where} ({name})")
     reason = cls.missing_modules() or cls(params).missing_weights()
-    if reason:
-        raise ConfigError(f"{where}: {registry.kind} {name!r} is unavailable here: {reason}")
-    return Entry(registry.kind, name, str(label or _label(name, raw)), params, cls, extra)
+    unavailable = f"{where}: {registry.kind} {name!r} is unavailable here: {reason}" if reason else ""
+    return Entry(registry.kind, name, str(label or _label(name, raw)), params, cls, extra, unavailable)
 
 
 def _metric_entry(raw: Any, where: str, profile: str) -> Entry:
@@ -124,14 +129,15 @@ def _list(doc: dict, key: str, path: Path) -> list:
     if value is None:
         raise ConfigError(f"{path}: missing key {key!r}")
     if key == "defenses" and value == "all":
-        return sorted(n for n, cls in DEFENSES.items() if not getattr(cls, "test_only", False))
+        return standard_defenses()
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{path}: {key!r} must be a non-empty list")
     return value
 
 
-def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = None) -> Suite:
-    """Parse and validate a suite; ``data`` (from --data NAME=PATH) replaces the suite's datasets."""
+def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = None, runnable: bool = True) -> Suite:
+    """Parse and validate a suite; ``data`` (from --data NAME=PATH) replaces the suite's datasets. ``runnable``: also
+    refuse a plug-in whose modules or weights are missing here (else they are listed by ``Suite.cannot_run()``)."""
     path = suite_path(name_or_path)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -177,7 +183,16 @@ def load_suite(name_or_path: str, profile: str, data: dict[str, Path] | None = N
         dup = {l for l in labels if labels.count(l) > 1}
         if dup:
             raise ConfigError(f"{path}: {kind} has duplicate labels {sorted(dup)}; give each a distinct 'label'")
+    if runnable and suite.cannot_run():
+        raise ConfigError("\n".join(suite.cannot_run()))
     return suite
+
+
+def standard_defenses() -> list[str]:
+    """What `defenses: all` means: every registered defense but test-only ones and those that read the user's own
+    files (``external``, ``external-model``)."""
+    return sorted(n for n, cls in DEFENSES.items()
+                  if not getattr(cls, "test_only", False) and not getattr(cls, "user_inputs", False))
 
 
 def builtin_suites() -> list[str]:

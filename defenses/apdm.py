@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 from attacks.dreambooth import _Batches, _check_images, generate_class_images
 from bench import models

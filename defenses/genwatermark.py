@@ -51,9 +51,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
+F = lazy_import("torch.nn.functional")
 
 from bench.diffusion import to_tensor, to_uint8
 from bench.plugins import DEFENSES, Defense, Image, RunContext
@@ -129,54 +130,24 @@ class GenWatermarkParams:
 
 # ----------------------------------------------------------------------------------------------- networks
 
-class Generator(nn.Module):
-    """G: x in [-1, 1] -> bounded residual. Four 3x3 convs (3 -> c -> c -> c -> 3), LeakyReLU(0.2), with a
-    half-resolution branch (avg-pool 2, two 3x3 convs, nearest upsample) added before the last conv so G can also
-    place low-frequency structure; output tanh(.) * bound. Not the paper's (unpublished) architecture."""
+def nets():
+    """``defenses.genwatermark_nets`` (the G and D networks), imported when first needed: it subclasses torch's
+    nn.Module, and torch loads only when a stage computes (bench/lazy.py)."""
+    from defenses import genwatermark_nets
 
-    def __init__(self, channels: int, bound: float) -> None:
-        super().__init__()
-        c = channels
-        self.bound = bound
-        self.inp = nn.Conv2d(3, c, 3, padding=1)
-        self.mid = nn.Conv2d(c, c, 3, padding=1)
-        self.low = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2),
-                                 nn.Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2))
-        self.fuse = nn.Conv2d(c, c, 3, padding=1)
-        self.out = nn.Conv2d(c, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.inp(x), 0.2)
-        h = F.leaky_relu(self.mid(h), 0.2)
-        h = h + self.low(h) if h.shape[-1] % 2 == 0 and h.shape[-2] % 2 == 0 else h
-        h = F.leaky_relu(self.fuse(h), 0.2)
-        return torch.tanh(self.out(h)) * self.bound
+    return genwatermark_nets
 
 
-class Detector(nn.Module):
-    """D: x in [-1, 1] -> one logit. Four 3x3 conv blocks (3 -> c -> 2c -> 2c -> 4c, strides 1, 2, 2, 2,
-    LeakyReLU(0.2)), global average and max pooling concatenated, a linear layer. Fully convolutional, so any
-    resolution. Not the paper's (unpublished) architecture."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        c = channels
-        self.body = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.LeakyReLU(0.2))
-        self.head = nn.Linear(8 * c, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.body(x)
-        return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)).squeeze(1)
+def __getattr__(name: str):  # `from defenses.genwatermark import Generator` keeps working
+    if name in ("Generator", "Detector"):
+        return getattr(nets(), name)
+    raise AttributeError(name)
 
 
 def _seeded_modules(seed: int, channels: int, bound: float) -> tuple[Generator, Detector]:
     with torch.random.fork_rng(devices=[]):  # nn init draws from the global RNG: seed it locally
         torch.manual_seed(seed)
-        return Generator(channels, bound), Detector(channels)
+        return nets().Generator(channels, bound), nets().Detector(channels)
 
 
 # ----------------------------------------------------------------------------------------------- augmentations
@@ -535,7 +506,7 @@ class GenWatermark(Defense):
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: missing; not a genwatermark detector folder")
         config = json.loads(cfg_path.read_text())
-        D = Detector(int(config["channels"]))
+        D = nets().Detector(int(config["channels"]))
         D.load_state_dict(load_file(str(w_path)))
         return D.eval(), config
 

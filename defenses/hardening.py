@@ -14,8 +14,9 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 from attacks.dreambooth import _precision
 from bench import models

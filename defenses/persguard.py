@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
 
 from attacks.dreambooth import _Batches, _check_images
 from bench import models

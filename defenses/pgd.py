@@ -8,7 +8,8 @@ declared budget (e.g. PhotoGuard's 7.65/255 would otherwise round to 8).
 from __future__ import annotations
 
 import numpy as np
-import torch
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
 
 from bench.diffusion import to_uint8
 from defenses.baselines import project_to_budget

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
-import torch
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
 
 from bench.diffusion import LatentCache, denoising_loss, draw_timesteps_noise, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
@@ -34,7 +35,7 @@ BUILTIN_TARGET = "builtin:mist-like"
 PRECISIONS = ("no", "bf16", "fp16")
 
 # An attack on one batch: (clean batch in [-1, 1], generator, tick) -> (adversarial batch in [-1, 1], stats).
-BatchAttack = Callable[[torch.Tensor, torch.Generator, Callable[[], None]], tuple[torch.Tensor, dict[str, float]]]
+BatchAttack = Callable[["torch.Tensor", "torch.Generator", Callable[[], None]], tuple["torch.Tensor", dict[str, float]]]
 
 
 # ----------------------------------------------------------------------------------------------- target images

@@ -23,6 +23,9 @@ Backends (``backend`` parameter):
   Anti-DreamBooth's RetinaFace, NMS 0.4) + ArcFace ResNet50/WebFace600K ``w600k_r50.onnx`` on the 5-point aligned
   112 px crop. The papers ran deepface's RetinaFace + ArcFace (Anti-DreamBooth) and VGG-Face + OpenCV (MetaCloak),
   whose weights cannot be had here; buffalo_l is the closest maintained equivalent, hence its own ids.
+- ``retinaface``: RetinaFace ResNet-50 of ``retinaface-pytorch`` (the detector family of Anti-DreamBooth's FDFR, at its
+  0.9 threshold; weights ``bench weights fetch retinaface-resnet50``, kept as safetensors) at the image's own size,
+  + the same ArcFace on its 5-point aligned crop; FDFR and the detection score need only the detector.
 
 Detections and embeddings are cached per image content and backend settings, reference embeddings per (subject
 fingerprint, split, backend); models load once per process. ``higher_is_better`` is from the defender's side.
@@ -38,7 +41,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -53,11 +56,19 @@ MMOD = "mmod_human_face_detector.dat"
 DET_FILE, REC_FILE = "det_10g.onnx", "w600k_r50.onnx"
 INSIGHTFACE_DET_SIZE = (640, 640)
 INSIGHTFACE_NMS = 0.4
-DEFAULT_THRESHOLD = {"dlib-hog": 0.0, "dlib-cnn": 0.0, "insightface": 0.9}
+DEFAULT_THRESHOLD = {"dlib-hog": 0.0, "dlib-cnn": 0.0, "insightface": 0.9, "retinaface": 0.9}
 INSIGHTFACE_MODULES = ("insightface", "onnxruntime", "onnx")
 INSIGHTFACE_INSTALL = ("pip install onnx onnxruntime && pip install --no-deps insightface "
                        "(--no-deps: its opencv-python requirement clashes with opencv-python-headless)")
-Backend = Literal["dlib-hog", "dlib-cnn", "insightface"]
+RETINAFACE_MODULES = ("retinaface", "torchvision")
+RETINAFACE_INSTALL = ("pip install --no-deps retinaface-pytorch (--no-deps: it pins torch 1.9 and albumentations 1.0; "
+                      "the backend uses only its network and box decoding)")
+RETINAFACE_FILE = "retinaface_resnet50_2020-07-20.safetensors"
+RETINAFACE_PRIORS = {"min_sizes": [[16, 32], [64, 128], [256, 512]], "steps": [8, 16, 32]}  # retinaface-pytorch's
+RETINAFACE_NMS = 0.4
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # its albumentations.Normalize defaults
+Backend = Literal["dlib-hog", "dlib-cnn", "insightface", "retinaface"]
+NON_DLIB_BACKENDS = ("insightface", "retinaface")  # dlib's settings (upsample, num_jitters) are refused with these
 
 
 def _fetch_buffalo_l(folder: Path) -> None:
@@ -79,6 +90,32 @@ BUFFALO_L = weights.register(weights.Weights(
     source="https://github.com/deepinsight/insightface/releases/download/model-zoo/buffalo_l.zip",
     fetcher=_fetch_buffalo_l,
     license="insightface pretrained models: non-commercial research only",
+))
+
+
+def _fetch_retinaface(folder: Path) -> None:
+    """Download retinaface-pytorch's ResNet-50 release (a zip holding one pickled state dict) and keep it as
+    safetensors (read with ``weights_only=True``: tensors only, no code)."""
+    archive = weights.download(RETINAFACE.source, folder / "retinaface.zip")
+    with zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.namelist() if m.endswith((".pth", ".pt"))]
+        if len(members) != 1:
+            raise weights.WeightsUnavailable(f"{RETINAFACE.source}: expected one .pth in the zip, found {members}")
+        pth = folder / Path(members[0]).name
+        pth.write_bytes(zf.read(members[0]))
+    archive.unlink()
+    weights.pickle_to_safetensors(pth, folder / RETINAFACE_FILE)
+    pth.unlink()
+
+
+RETINAFACE = weights.register(weights.Weights(
+    name="retinaface-resnet50",
+    what="RetinaFace ResNet-50 face detector (retinaface-pytorch 'resnet50_2020-07-20', trained on WIDER FACE)",
+    used_by="fdfr, ism, ims, face-det-score with backend=retinaface (ism/ims also need insightface-buffalo_l's ArcFace)",
+    files=(RETINAFACE_FILE,),
+    source="https://github.com/ternaus/retinaface/releases/download/0.01/retinaface_resnet50_2020-07-20-f168fae3c.zip",
+    fetcher=_fetch_retinaface,
+    license="MIT (ternaus/retinaface); trained on WIDER FACE (research use)",
 ))
 
 
@@ -126,6 +163,20 @@ def _insightface_models(folder: str) -> tuple[Any, Any]:
     rec = ArcFaceONNX(model_file=rec_path, session=onnxruntime.InferenceSession(rec_path, providers=_ort_providers()))
     det.nms_thresh = INSIGHTFACE_NMS
     return det, rec
+
+
+@functools.lru_cache(maxsize=2)
+def _retinaface_model(path: str) -> Any:
+    """retinaface-pytorch's RetinaFace ResNet-50 network with the safetensors weights at ``path``, in eval mode."""
+    from safetensors.torch import load_file
+    from retinaface.network import RetinaFace
+
+    with warnings.catch_warnings():  # it passes torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        net = RetinaFace(name="Resnet50", pretrained=False, return_layers={"layer2": 1, "layer3": 2, "layer4": 3},
+                         in_channels=256, out_channels=256)
+    net.load_state_dict(load_file(path))
+    return net.eval()
 
 
 # --- detections, embeddings and their caches --------------------------------------------------------------------
@@ -185,6 +236,7 @@ class Detector:
     tag: str = ""  # the detector's part of a backend id
     modules: tuple[str, ...] = ()
     weight_names: tuple[str, ...] = ()
+    min_face_px: int = 0  # smallest face it finds in an image as given (0: it rescales its input, no limit)
 
     @property
     def cache_key(self) -> str:
@@ -223,6 +275,11 @@ class _Dlib(Detector):
     @property
     def id(self) -> str:  # type: ignore[override]
         return f"dlib-{self.tag}"
+
+    @property
+    def min_face_px(self) -> int:  # type: ignore[override]
+        """dlib's detectors find faces of about 80x80 px and larger; each upsampling halves that."""
+        return max(1, 80 // 2 ** self.upsample)
 
 
 @dataclass(frozen=True)
@@ -291,11 +348,56 @@ class Scrfd(Detector):
         return out
 
 
+@dataclass(frozen=True)
+class RetinaFaceR50(Detector):
+    """RetinaFace ResNet-50 (retinaface-pytorch) at the image's own size, ImageNet-normalised RGB; faces with
+    probability above ``threshold`` (Anti-DreamBooth's RetinaFace uses 0.9), NMS 0.4, five landmarks. The package's
+    ``Model.predict_jsons`` first resizes the longest side to a ``max_size``; detecting at the native size keeps the
+    protocol free of that choice (generated images are 512 px at the paper profile)."""
+
+    threshold: float = 0.9
+    modules = RETINAFACE_MODULES
+    weight_names = (RETINAFACE.name,)
+
+    @property
+    def tag(self) -> str:  # type: ignore[override]
+        return f"retinaface-r50-t{self.threshold:g}"
+
+    @property
+    def id(self) -> str:  # type: ignore[override]
+        return self.tag
+
+    def _detect(self, images: list[Image]) -> list[list[Face]]:
+        import torch
+        from retinaface.box_utils import decode, decode_landm
+        from retinaface.prior_box import priorbox
+        from torchvision.ops import nms
+
+        net = _retinaface_model(str(RETINAFACE.path() / RETINAFACE_FILE))
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        out = []
+        for img in images:
+            h, w = img.shape[:2]
+            x = (torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255 - mean) / std
+            with torch.no_grad():
+                loc, conf, land = net(x.unsqueeze(0))
+            priors = priorbox(clip=False, image_size=(h, w), **RETINAFACE_PRIORS)
+            boxes = decode(loc[0], priors, [0.1, 0.2]) * torch.tensor([w, h, w, h], dtype=torch.float32)
+            marks = decode_landm(land[0], priors, [0.1, 0.2]) * torch.tensor([w, h] * 5, dtype=torch.float32)
+            scores = torch.softmax(conf[0], dim=-1)[:, 1]
+            keep = torch.where(scores > self.threshold)[0]
+            keep = keep[nms(boxes[keep], scores[keep], RETINAFACE_NMS)]
+            out.append([Face(tuple(float(v) for v in boxes[k]), float(scores[k]),  # type: ignore[arg-type]
+                             marks[k].double().numpy().reshape(5, 2)) for k in keep.tolist()])
+        return out
+
+
 class Embedder:
     """Face -> identity embedding; ``id`` names it with its settings."""
 
     id: str = ""
     modules: tuple[str, ...] = ()
+    weight_names: tuple[str, ...] = ()
 
     def embed(self, items: list[tuple[Image, Face]]) -> list[np.ndarray]:
         raise NotImplementedError
@@ -333,6 +435,7 @@ class ArcFace(Embedder):
 
     id = "arcface-w600k_r50"
     modules = INSIGHTFACE_MODULES
+    weight_names = (BUFFALO_L.name,)
 
     def embed(self, items: list[tuple[Image, Face]]) -> list[np.ndarray]:
         from insightface.utils import face_align
@@ -361,22 +464,25 @@ class FaceBackend:
 
     @property
     def weight_names(self) -> tuple[str, ...]:
-        return tuple(self.detector.weight_names)
+        """Detector and embedder weights (``detector_weight_names`` for the detection-only metrics)."""
+        return tuple(dict.fromkeys(self.detector.weight_names + self.embedder.weight_names))
 
     @property
     def cache_key(self) -> str:
         return f"{self.embedder.id}|{self.detector.cache_key}"
 
-    def missing_modules(self) -> str | None:
-        modules = tuple(dict.fromkeys(self.detector.modules + self.embedder.modules))
-        return _missing_modules(modules, self.install)
+    def missing_modules(self, embeds: bool = True) -> str | None:
+        modules = self.detector.modules + (self.embedder.modules if embeds else ())
+        return _missing_modules(tuple(dict.fromkeys(modules)), self.install)
 
-    def missing_weights(self) -> str | None:
-        return next((r for r in (weights.get(n).missing() for n in self.weight_names) if r), None)
+    def missing_weights(self, embeds: bool = True) -> str | None:
+        names = self.weight_names if embeds else self.detector.weight_names
+        return next((r for r in (weights.get(n).missing() for n in names) if r), None)
 
-    def missing(self) -> str | None:
-        """None when usable here, else every missing module and weights entry and how to get them."""
-        reasons = [r for r in (self.missing_modules(), self.missing_weights()) if r]
+    def missing(self, embeds: bool = True) -> str | None:
+        """None when usable here, else every missing module and weights entry and how to get them. ``embeds``
+        False: the detector's needs only (FDFR, detection score)."""
+        reasons = [r for r in (self.missing_modules(embeds), self.missing_weights(embeds)) if r]
         return "; ".join(reasons) or None
 
     def faces(self, images: list[Image]) -> list[list[Face]]:
@@ -409,6 +515,8 @@ def make_backend(backend: Backend, upsample: int = 1, threshold: float | None = 
         return FaceBackend(DlibHog(upsample, t), DlibResnet(num_jitters))
     if backend == "dlib-cnn":
         return FaceBackend(DlibCnn(upsample, t), DlibResnet(num_jitters))
+    if backend == "retinaface":
+        return FaceBackend(RetinaFaceR50(t), ArcFace(), install=f"{RETINAFACE_INSTALL}; {INSIGHTFACE_INSTALL}")
     return FaceBackend(Scrfd(t), ArcFace(), install=INSIGHTFACE_INSTALL)
 
 
@@ -515,12 +623,13 @@ class FaceParams:
     def validate(self) -> None:
         if not 0 <= self.upsample <= 4:
             raise ValueError(f"upsample must be in [0, 4], got {self.upsample}")
-        if self.backend == "insightface" and self.upsample != 1:
-            raise ValueError("upsample is a dlib setting; the insightface backend detects at 640x640 (leave it at 1)")
+        if self.backend in NON_DLIB_BACKENDS and self.upsample != 1:
+            raise ValueError(f"upsample is a dlib setting; the {self.backend} backend sets its own input size "
+                             f"(leave it at 1)")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}")
-        if self.backend == "insightface" and self.threshold is not None and not 0 < self.threshold < 1:
-            raise ValueError(f"insightface threshold is a probability in (0, 1), got {self.threshold}")
+        if self.backend in NON_DLIB_BACKENDS and self.threshold is not None and not 0 < self.threshold < 1:
+            raise ValueError(f"{self.backend} threshold is a probability in (0, 1), got {self.threshold}")
 
 
 @dataclass(frozen=True)
@@ -531,8 +640,8 @@ class IdentityParams(FaceParams):
         super().validate()
         if self.num_jitters < 1:
             raise ValueError(f"num_jitters must be >= 1, got {self.num_jitters}")
-        if self.backend == "insightface" and self.num_jitters != 1:
-            raise ValueError("num_jitters is a dlib setting; leave it at 1 with the insightface backend")
+        if self.backend in NON_DLIB_BACKENDS and self.num_jitters != 1:
+            raise ValueError(f"num_jitters is a dlib setting; leave it at 1 with the {self.backend} backend")
 
 
 def _generated(inputs: MetricInputs, metric: str) -> list[Image]:
@@ -548,28 +657,40 @@ class _FaceMetric(Metric):
     Params = FaceParams
     target = "generated"
     requires = Requirements(modules=("dlib", "face_recognition_models"))
+    embeds: ClassVar[bool] = True  # False: detection only (FDFR, detection score) needs only the detector's weights
 
     def applies_to(self, subject) -> bool:
         return getattr(subject, "class_noun", "person") == "person"
+
+    def cannot_measure(self, resolution: int, harness_models: bool) -> str | None:
+        if harness_models:
+            return ("the harness-built tiny/proxy models do not generate faces, so no face is found in any generated "
+                    "image (FDFR 1.0, ISM/IMS empty); face metrics measure at the paper profile (real Stable Diffusion)")
+        limit = self.backend().detector.min_face_px
+        if resolution < limit:
+            return (f"{self.backend().detector.id} finds faces of {limit} px and larger, and generated images are "
+                    f"{resolution} px: no face can be found (raise `upsample`, or use a larger resolution)")
+        return None
 
     def backend(self) -> FaceBackend:
         p = self.params
         return make_backend(p.backend, p.upsample, p.threshold, getattr(p, "num_jitters", 1))
 
     def weight_names(self) -> tuple[str, ...]:
-        return self.backend().weight_names
+        backend = self.backend()
+        return backend.weight_names if self.embeds else tuple(backend.detector.weight_names)
 
     def missing_weights(self) -> str | None:
         """Also the backend's modules: ``bench list`` and suite validation see them per parameter set."""
-        return self.backend().missing()
+        return self.backend().missing(self.embeds)
 
     def _ready(self) -> FaceBackend:
         """The backend, else WeightsUnavailable (naming the files and `bench weights fetch NAME`) or
         ModuleNotFoundError; never another backend in its place."""
         backend = self.backend()
-        reason = backend.missing()
+        reason = backend.missing(self.embeds)
         if reason:
-            error = weights.WeightsUnavailable if backend.missing_weights() else ModuleNotFoundError
+            error = weights.WeightsUnavailable if backend.missing_weights(self.embeds) else ModuleNotFoundError
             raise error(f"{self.name} with backend {self.params.backend!r}: {reason}")
         return backend
 
@@ -582,6 +703,7 @@ class Fdfr(_FaceMetric):
     (``ism_fdfr.py``). Higher is better for the defender."""
 
     higher_is_better = True
+    embeds = False
     description = "fraction of generated images where the face detector finds no face (Anti-DreamBooth FDFR)"
     paper = "Anti-DreamBooth (Le et al., ICCV'23) evaluations/ism_fdfr.py, detector per backend"
 
@@ -676,6 +798,7 @@ class FaceDetScore(_FaceMetric):
     defender."""
 
     higher_is_better = False
+    embeds = False
     description = "mean face-detector confidence over generated images, 0 without a face (MetaCloak SDS)"
     paper = "MetaCloak (Liu et al., CVPR'24) robust_facecloak/eval_score.py SDS, detector per backend"
 

@@ -259,7 +259,7 @@ def test_dlib_identity_is_aligned_by_the_68_point_model_named_in_the_id(subjects
 
 
 @pytest.mark.parametrize("cls, params, match", [
-    (Fdfr, {"backend": "retinaface"}, "not one of"),
+    (Fdfr, {"backend": "mtcnn"}, "not one of"),
     (Fdfr, {"upsample": -1}, "upsample must be in"),
     (Fdfr, {"backend": "insightface", "upsample": 2}, "upsample is a dlib setting"),
     (Ism, {"backend": "insightface", "num_jitters": 3}, "num_jitters is a dlib setting"),
@@ -446,3 +446,92 @@ def test_insightface_plumbing_on_fake_onnx_models(monkeypatch, tmp_path):
     loads = F._insightface_models.cache_info().misses
     make(Ims, backend="insightface").compute(inputs(subject, [img[::-1].copy()]))
     assert F._insightface_models.cache_info().misses == loads  # models load once per process
+
+
+# --- retinaface backend (retinaface-pytorch) --------------------------------------------------------------------
+
+RETINA_FETCH = "bench weights fetch retinaface-resnet50"
+
+
+def test_retinaface_ids_weights_and_missing_messages(monkeypatch, tmp_path):
+    monkeypatch.setenv("BENCH_WEIGHTS_DIR", str(tmp_path / "empty"))
+    assert make(Fdfr, backend="retinaface").protocol_id() == "fdfr/retinaface-r50-t0.9"
+    assert make(FaceDetScore, backend="retinaface").protocol_id() == "face-det-score/retinaface-r50-t0.9/faces=mean/noface=0"
+    assert make(Ism, backend="retinaface").protocol_id() == "ism/arcface-w600k_r50-retinaface-r50-t0.9/ref=AB/skip-noface"
+    assert make(Fdfr, backend="retinaface").weight_names() == ("retinaface-resnet50",)  # detection only
+    assert make(Ism, backend="retinaface").weight_names() == ("retinaface-resnet50", "insightface-buffalo_l")
+    reason = make(Fdfr, backend="retinaface").missing_weights()
+    assert RETINA_FETCH in reason and F.RETINAFACE_FILE in reason and "buffalo_l" not in reason
+    with pytest.raises(WeightsUnavailable, match=f"fdfr with backend 'retinaface'.*{RETINA_FETCH}"):
+        make(Fdfr, backend="retinaface").compute(inputs(FakeSubject("p", {}), [GREY]))
+    with pytest.raises(ConfigError, match="upsample is a dlib setting"):
+        build_params(Fdfr, {"backend": "retinaface", "upsample": 0}, None, "m")
+
+
+def test_retinaface_fetcher_keeps_safetensors_only(monkeypatch, tmp_path):
+    import io
+    import zipfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    from bench import weights
+
+    state = {"body.conv1.weight": torch.arange(6.0).view(1, 2, 3), "ClassHead.0.conv1x1.bias": torch.ones(4)}
+
+    def fake_download(url: str, dest: Path) -> Path:
+        assert url == F.RETINAFACE.source and url.endswith("retinaface_resnet50_2020-07-20-f168fae3c.zip")
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        with zipfile.ZipFile(dest, "w") as zf:
+            zf.writestr("retinaface_resnet50_2020-07-20.pth", buf.getvalue())
+        return dest
+
+    monkeypatch.setenv("BENCH_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(weights, "download", fake_download)
+    folder = weights.get("retinaface-resnet50").fetch()
+    assert sorted(p.name for p in folder.iterdir()) == [F.RETINAFACE_FILE] and F.RETINAFACE.missing() is None
+    loaded = load_file(str(folder / F.RETINAFACE_FILE))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_retinaface_plumbing_on_planted_head_weights(monkeypatch, tmp_path):
+    """The real network with random body weights and heads whose output is their bias: on the stride-32 level every
+    anchor says face with p = softmax(0, 5)[1] = 0.9933, elsewhere background; the boxes are then the priors (256 and
+    512 px squares at the 32 px cell centres, in pixels of a non-square image) and NMS 0.4 keeps one of each size."""
+    pytest.importorskip("retinaface", reason=F.RETINAFACE_INSTALL)
+    import torch
+    from safetensors.torch import save_file
+
+    from retinaface.network import RetinaFace
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        model = RetinaFace(name="Resnet50", pretrained=False, return_layers={"layer2": 1, "layer3": 2, "layer4": 3},
+                           in_channels=256, out_channels=256)
+    with torch.no_grad():
+        for level in range(3):
+            for head in (model.ClassHead, model.BboxHead, model.LandmarkHead):
+                head[level].conv1x1.weight.zero_()
+                head[level].conv1x1.bias.zero_()
+            model.ClassHead[level].conv1x1.bias.copy_(torch.tensor([0.0, 5.0] * 2 if level == 2 else [5.0, -5.0] * 2))
+    folder = tmp_path / "retinaface-resnet50"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / F.RETINAFACE_FILE))
+    monkeypatch.setenv("BENCH_WEIGHTS_DIR", str(tmp_path))
+    F._retinaface_model.cache_clear()
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    backend = make(Fdfr, backend="retinaface").backend()
+    (faces,) = backend.faces([img])
+    p = float(torch.softmax(torch.tensor([0.0, 5.0]), 0)[1])
+    assert len(faces) == 2 and all(f.score == pytest.approx(p, abs=1e-6) for f in faces)
+    sizes = sorted(round(f.box[2] - f.box[0]) for f in faces)
+    assert sizes == [256, 512] and all(round(f.box[3] - f.box[1]) == round(f.box[2] - f.box[0]) for f in faces)
+    for f in faces:
+        centre = np.array([(f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2])
+        assert (centre % 32) == pytest.approx([16, 16], abs=1e-3) and f.landmarks.shape == (5, 2)
+        assert f.landmarks == pytest.approx(np.tile(centre, (5, 1)), abs=1e-3)
+    gen = inputs(FakeSubject("p", {}), [img])
+    assert make(Fdfr, backend="retinaface").compute(gen) == 0.0
+    assert make(FaceDetScore, backend="retinaface").compute(gen) == pytest.approx(p, abs=1e-6)
+    assert make(Fdfr, backend="retinaface", threshold=0.995).compute(gen) == 1.0  # 0.9933 is below it

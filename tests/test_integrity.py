@@ -160,11 +160,17 @@ def test_misspelt_data_name_blames_the_command_line(tmp_path, capsys):
 
 
 def test_missing_checkpoint_is_refused_before_anything_runs(tmp_path, capsys):
-    """A paper-profile run without its base model: exit 2 once with the fetch hint (validate and --dry-run too)."""
-    for argv in (["validate", "smoke", "--profile", "paper"],
-                 ["run", "--suite", "smoke", "--profile", "paper", "--dry-run"],
+    """A paper-profile run without its base model: exit 2 with the fetch hint said once (--dry-run too); `bench
+    validate` says the suite is well formed (exit 0) and lists what is missing here with the same hint."""
+    for argv in (["run", "--suite", "smoke", "--profile", "paper", "--dry-run"],
                  ["run", "--suite", "smoke", "--profile", "paper", "--out", str(tmp_path / "o")]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "not in the local Hugging Face cache" in err or "no such folder" in err, err
+        assert err.count("not in the local Hugging Face cache") == 1 and "huggingface-cli download" in err, err
     assert not (tmp_path / "o" / "cache").exists()
+    assert main(["validate", "smoke", "--profile", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "valid (well formed)" in out and "cannot run here" in out
+    assert out.count("not in the local Hugging Face cache") == 1 and "huggingface-cli download" in out
+    assert main(["validate", "smoke", "--profile", "tiny"]) == 0
+    assert "runs here at the tiny profile" in capsys.readouterr().out

@@ -242,7 +242,7 @@ def test_every_registered_defense_runs_end_to_end(out_dir, tmp_path):
     import yaml
 
     from bench.plugins import DEFENSES
-    from bench.suites import load_suite
+    from bench.suites import load_suite, standard_defenses
 
     listed = yaml.safe_load((REPO / "bench" / "suites" / "robustness.yaml").read_text())["defenses"]
     body = MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", f"defenses: {json.dumps(listed)}") \
@@ -251,7 +251,7 @@ def test_every_registered_defense_runs_end_to_end(out_dir, tmp_path):
     code = main(["run", "--suite", str(suite), "--out", str(out_dir)])
     s = summary(out_dir)
     assert code == 0, s["failures"]
-    names = {n for n, cls in DEFENSES.items() if not getattr(cls, "test_only", False)}
+    names = set(standard_defenses())
     entries = load_suite(str(suite), "tiny").defenses
     assert {d.name for d in entries} >= names and s["cells_ok"] == len(entries) >= 10
     df = pd.read_csv(out_dir / "leaderboards" / "micro.csv").set_index("defense")
