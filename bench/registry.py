@@ -248,6 +248,7 @@ _BUILTIN_MODULES = (
     "defenses.persguard",
     "defenses.anti_dreambooth",
     "defenses.single_model",
+    "defenses.pid",
     "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",
