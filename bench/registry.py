@@ -249,6 +249,7 @@ _BUILTIN_MODULES = (
     "defenses.anti_dreambooth",
     "defenses.single_model",
     "defenses.pid",
+    "defenses.simac",
     "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",

@@ -89,3 +89,85 @@ def test_pid_same_seed_same_bytes_and_options(images, model_dir):
     assert (d.params.eps, d.params.alpha, d.params.steps, d.params.loss) == (12.75, 1.0, 1000, "add-log")
     with pytest.raises(ConfigError, match="loss"):
         DEFENSES.create("pid", {"loss": "l1"})
+
+
+# ----------------------------------------------------------------------------------------------- SimAC
+
+SIMAC_FAST = {"num_class_images": 2, "surrogate_steps": 1, "train_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def subject():
+    from bench.datasets import SyntheticDataset
+
+    return SyntheticDataset().subjects(None)[0]
+
+
+def run_aspl_family(name: str, subject, model_dir, seed: int = 0, n_images: int = 2, **params):
+    defense = DEFENSES.create(name, {**SIMAC_FAST, **params}, profile="tiny")
+    ctx = ctx_for(seed, models={"default": model_dir})
+    clean = subject.load("B", RES)[:n_images]
+    return clean, defense.protect(ctx, clean, subject, model_dir), ctx, defense
+
+
+def fixed_draw_loss(comps, images, prompt: str, timesteps: list[torch.Tensor], draws: int = 16) -> float:
+    """Mean L_dn over fixed draws with each image's t from its own set (SimAC's objective)."""
+    from bench.diffusion import denoising_loss, encode_prompt
+
+    gen = torch.Generator().manual_seed(1234)
+    x = to_tensor(images)
+    with torch.no_grad():
+        dist = comps.vae.encode(x).latent_dist
+        emb = encode_prompt(comps.tokenizer, comps.text_encoder, [prompt]).expand(len(x), -1, -1)
+        total = 0.0
+        for _ in range(draws):
+            z0 = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * comps.vae.config.scaling_factor
+            t = torch.stack([ts[int(torch.randint(0, len(ts), (1,), generator=gen))] for ts in timesteps])
+            total += float(denoising_loss(comps.unet, comps.noise_scheduler, z0, emb, gen, timesteps=t))
+    return total / draws
+
+
+def test_simac_selects_timesteps_and_attacks_only_them(subject, model_dir):
+    clean, out, ctx, d = run_aspl_family("simac", subject, model_dir, rounds=3)
+    for o, c in zip(out, clean):
+        assert o.dtype == np.uint8 and linf(o, c) <= 8
+    assert max(linf(o, c) for o, c in zip(out, clean)) == 8
+    sets = [set(ts.tolist()) for ts in d._last_engine.timesteps]
+    # stage 1: every iteration removed the window around its clamped lowest-scoring t, per image
+    assert len(d.selection_log) == ctx.extra["simac_selection_iterations"] >= 2 * 5
+    for i, draws, t_min, t_max in d.selection_log:
+        assert len(draws) == 5 and t_min in draws and t_max in draws
+        centre = min(max(t_min, 20), 980)
+        assert not sets[i] & set(range(centre - 20, centre + 20))
+    assert [len(s) for s in sets] == ctx.extra["simac_timesteps_per_image"]
+    iterations = [sum(1 for e in d.selection_log if e[0] == i) for i in range(len(sets))]
+    assert all(len(s) <= 800 or k == 6 for s, k in zip(sets, iterations))  # |T| <= keep, or the iteration cap
+    assert all(len(s) <= 1000 - k for s, k in zip(sets, iterations))  # each iteration removes its t_min
+    # stage 2: 3 rounds x 6 PGD steps, each image's t from its own set
+    used = d._last_engine.used_t
+    assert len(used) == 18 and all(t in sets[i] for step in used for i, t in enumerate(step))
+    assert len(d._last_engine.feature_values) == 18 and ctx.extra["feature_grad"]
+    comps = d.models[0].comps
+    comps.unet.eval()
+    ts = d._last_engine.timesteps
+    prompt = d.models[0].instance_prompt
+    l_clean = fixed_draw_loss(comps, clean, prompt, ts)
+    l_noise = fixed_draw_loss(comps, random_noise(clean, 8), prompt, ts)
+    l_adv = fixed_draw_loss(comps, out, prompt, ts)
+    assert l_adv - l_clean > 2 * abs(l_noise - l_clean) and l_adv > l_noise, (l_clean, l_noise, l_adv)
+
+
+def test_simac_detached_feature_term_is_plain_ldn_and_seeds(subject, model_dir):
+    fast = {"rounds": 1, "pgd_steps": 2, "select_max_steps": 2, "n_images": 1, "with_prior_preservation": False}
+    _, detached, ctx, _ = run_aspl_family("simac", subject, model_dir, feature_grad=False, **fast)
+    _, none, _, _ = run_aspl_family("simac", subject, model_dir, feature_loss=False, **fast)
+    _, paper, _, _ = run_aspl_family("simac", subject, model_dir, **fast)
+    _, again, _, _ = run_aspl_family("simac", subject, model_dir, **fast)
+    _, other, _, _ = run_aspl_family("simac", subject, model_dir, seed=1, **fast)
+    assert np.array_equal(detached[0], none[0])  # the reference's constant term changes nothing
+    assert not np.array_equal(paper[0], none[0])  # the paper's differentiated term does
+    assert np.array_equal(paper[0], again[0]) and not np.array_equal(paper[0], other[0])
+    d = DEFENSES.create("simac", {})
+    assert (d.params.eps, d.params.alpha, d.params.rounds, d.params.select_keep) == (8.0, 0.6375, 50, 100)
+    with pytest.raises(ConfigError, match="lora_surrogate"):
+        DEFENSES.create("simac", {"lora_surrogate": True})
