@@ -250,6 +250,7 @@ _BUILTIN_MODULES = (
     "defenses.single_model",
     "defenses.pid",
     "defenses.simac",
+    "defenses.mist_v2",
     "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",

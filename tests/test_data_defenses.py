@@ -171,3 +171,60 @@ def test_simac_detached_feature_term_is_plain_ldn_and_seeds(subject, model_dir):
     assert (d.params.eps, d.params.alpha, d.params.rounds, d.params.select_keep) == (8.0, 0.6375, 50, 100)
     with pytest.raises(ConfigError, match="lora_surrogate"):
         DEFENSES.create("simac", {"lora_surrogate": True})
+
+
+# ----------------------------------------------------------------------------------------------- Mist-v2
+
+def target_distance(comps, images, z_tgt, draws: int = 12) -> float:
+    """Mist-v2's objective: MSE(eps_theta(z_t, t, c), z_tgt) over fixed (t, eps) draws (lower = more protective)."""
+    from bench.diffusion import encode_prompt
+
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        z = comps.vae.encode(to_tensor(images)).latent_dist.mean * comps.vae.config.scaling_factor
+        emb = encode_prompt(comps.tokenizer, comps.text_encoder, ["a picture"]).expand(len(z), -1, -1)
+        total = 0.0
+        for _ in range(draws):
+            t = torch.randint(0, 1000, (len(z),), generator=gen)
+            noise = torch.randn(z.shape, generator=gen)
+            pred = comps.unet(comps.noise_scheduler.add_noise(z, noise, t), t, emb).sample
+            total += float(torch.nn.functional.mse_loss(pred, z_tgt.expand_as(pred)))
+    return total / draws
+
+
+def test_mist_v2_lora_only_pulls_toward_target(images, model_dir):
+    out, ctx, d = protect("mist-v2", images, model_dir, rounds=2, pgd_steps=5, train_steps=1, num_class_images=2)
+    for o, c in zip(out, images):
+        assert o.dtype == np.uint8 and linf(o, c) <= 4
+    assert ctx.extra["realised_linf_255"] == 4
+    # one image at a time: 2 rounds x 2 images x 5 steps; LoRA: 2 rounds x 1 pass x 2 images
+    assert ctx.extra["pgd_steps_total"] == 20 and ctx.extra["train_steps_total"] == 4
+    base = load_components(model_dir)
+    for module, ref in ((d.comps.unet, base.unet), (d.comps.text_encoder, base.text_encoder)):
+        lora = {n: q for n, q in module.named_parameters() if "lora_" in n}
+        assert lora and any(float(q.abs().sum()) > 0 for n, q in lora.items() if "lora_B" in n)  # trained
+        ref_sd = ref.state_dict()
+        for n, q in module.state_dict().items():
+            if "lora_" not in n:
+                assert torch.equal(q, ref_sd[n.replace(".base_layer", "")]), n  # base weights never move
+    z_tgt = d.comps.vae.encode(to_tensor([mist_target()])).latent_dist.mean * d.comps.vae.config.scaling_factor
+    d.comps.unet.eval()
+    clean, noise, adv = (target_distance(d.comps, imgs, z_tgt) for imgs in (images, random_noise(images, 4), out))
+    # measured (tiny:a, seed 0): clean 1.4279, random noise 1.4274, Mist-v2 1.3795
+    assert clean - adv > 3 * abs(clean - noise) and adv < noise, (clean, noise, adv)
+
+
+def mist_target():
+    from defenses.single_model import mist_like_pattern
+
+    return mist_like_pattern(RES)
+
+
+def test_mist_v2_same_seed_same_bytes(images, model_dir):
+    fast = {"rounds": 1, "pgd_steps": 2, "train_steps": 1, "with_prior_preservation": False}
+    a, _, _ = protect("mist-v2", images[:1], model_dir, seed=2, **fast)
+    b, _, _ = protect("mist-v2", images[:1], model_dir, seed=2, **fast)
+    c, _, _ = protect("mist-v2", images[:1], model_dir, seed=3, **fast)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+    d = DEFENSES.create("mist-v2", {})
+    assert (d.params.eps, d.params.alpha, d.params.rounds, d.params.pgd_steps, d.params.train_steps) == (4.0, 0.6375, 5, 30, 10)
