@@ -251,6 +251,7 @@ _BUILTIN_MODULES = (
     "defenses.pid",
     "defenses.simac",
     "defenses.mist_v2",
+    "defenses.caat",
     "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",

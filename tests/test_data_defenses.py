@@ -228,3 +228,40 @@ def test_mist_v2_same_seed_same_bytes(images, model_dir):
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
     d = DEFENSES.create("mist-v2", {})
     assert (d.params.eps, d.params.alpha, d.params.rounds, d.params.pgd_steps, d.params.train_steps) == (4.0, 0.6375, 5, 30, 10)
+
+
+# ----------------------------------------------------------------------------------------------- CAAT
+
+def fixed_ldn(comps, images, prompt: str, draws: int = 16) -> float:
+    """Mean L_dn of ``images`` over fixed (VAE sample, t, eps) draws under ``comps``."""
+    return fixed_draw_loss(comps, images, prompt, [torch.arange(1000)] * len(images), draws)
+
+
+def test_caat_trains_only_cross_attention_kv(images, model_dir, subject):
+    out, ctx, d = protect("caat", images, model_dir, subject=subject, steps=12)
+    for o, c in zip(out, images):
+        assert o.dtype == np.uint8 and linf(o, c) <= 6
+    assert ctx.extra["realised_linf_255"] == 6 and ctx.extra["instance_prompt"] == f"a photo of a {subject.class_noun}"
+    unet = d.comps.unet
+    trainable = {n for n, q in unet.named_parameters() if q.requires_grad}
+    assert trainable and all(".attn2.processor.to_" in n and "_custom_diffusion" in n for n in trainable)
+    assert {n.rsplit(".", 2)[-2] for n in trainable} == {"to_k_custom_diffusion", "to_v_custom_diffusion"}
+    base = load_components(model_dir).unet.state_dict()
+    state = unet.state_dict()
+    assert all(torch.equal(state[n], base[n]) for n in base)  # every original weight untouched
+    moved = [n for n in trainable if not torch.equal(state[n], base[n.replace("processor.", "").replace("_custom_diffusion", "")])]
+    assert len(moved) == len(trainable) == 2 * ctx.extra["kv_layers"]  # K/V initialised from the layer, then trained
+    unet.eval()
+    prompt = ctx.extra["instance_prompt"]
+    clean, noise, adv = (fixed_ldn(d.comps, imgs, prompt) for imgs in (images, random_noise(images, 6.375), out))
+    # measured (tiny:a, seed 0, 12 steps): clean 0.39998, random noise 0.39999, CAAT 0.40447
+    assert adv - clean > 2 * abs(noise - clean) and adv > noise, (clean, noise, adv)
+
+
+def test_caat_same_seed_same_bytes(images, model_dir, subject):
+    a, _, _ = protect("caat", images[:1], model_dir, seed=1, subject=subject, steps=3)
+    b, _, _ = protect("caat", images[:1], model_dir, seed=1, subject=subject, steps=3)
+    c, _, _ = protect("caat", images[:1], model_dir, seed=2, subject=subject, steps=3)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+    d = DEFENSES.create("caat", {})
+    assert (d.params.eps, d.params.alpha, d.params.steps, d.params.learning_rate) == (6.375, 0.6375, 250, 1e-5)
