@@ -252,6 +252,7 @@ _BUILTIN_MODULES = (
     "defenses.simac",
     "defenses.mist_v2",
     "defenses.caat",
+    "defenses.pap",
     "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",

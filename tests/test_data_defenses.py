@@ -265,3 +265,40 @@ def test_caat_same_seed_same_bytes(images, model_dir, subject):
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
     d = DEFENSES.create("caat", {})
     assert (d.params.eps, d.params.alpha, d.params.steps, d.params.learning_rate) == (6.375, 0.6375, 250, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- PAP
+
+def test_pap_samples_a_new_prompt_every_step(images, model_dir, subject):
+    out, ctx, d = protect("pap", images, model_dir, subject=subject, rounds=2, pgd_steps=4, prompt_steps=3)
+    for o, c in zip(out, images):
+        assert o.dtype == np.uint8 and linf(o, c) <= 6
+    assert ctx.extra["pgd_steps_total"] == ctx.extra["laplace_samples"] == len(d.prompt_trace) == 8
+    comps = load_components(model_dir)
+    from bench.diffusion import encode_prompt
+
+    prompt = ctx.extra["instance_prompt"]
+    assert prompt == f"a photo of sks {subject.class_noun}"
+    with torch.no_grad():
+        c0 = encode_prompt(comps.tokenizer, comps.text_encoder, [prompt])[0]
+    trace = d.prompt_trace
+    assert all(not torch.equal(c, c0) for c in trace)  # never the plain prompt
+    assert all(not torch.equal(a, b) for a, b in zip(trace, trace[1:]))  # a different conditioning at every step
+    clean, noise, adv = (fixed_ldn(comps, imgs, prompt) for imgs in (images, random_noise(images, 6.375), out))
+    # measured (tiny:a, seed 0, 8 steps): clean 0.40021, random noise 0.40021, PAP 0.40221
+    assert adv - clean > 2 * abs(noise - clean) and adv > noise, (clean, noise, adv)
+
+
+def test_pap_v1_samples_only_at_the_first_step_and_seeds(images, model_dir, subject):
+    fast = {"rounds": 2, "pgd_steps": 3, "prompt_steps": 2}
+    _, ctx, d = protect("pap", images[:1], model_dir, subject=subject, version="v1", **fast)
+    assert ctx.extra["laplace_samples"] == 2 and ctx.extra["pgd_steps_total"] == 6
+    trace = d.prompt_trace
+    assert torch.equal(trace[1], trace[2]) and torch.equal(trace[4], trace[5]) and torch.equal(trace[1], trace[4])
+    assert not torch.equal(trace[0], trace[1]) and not torch.equal(trace[3], trace[1])
+    a, _, _ = protect("pap", images[:1], model_dir, seed=4, subject=subject, rounds=1, pgd_steps=2, prompt_steps=2)
+    b, _, _ = protect("pap", images[:1], model_dir, seed=4, subject=subject, rounds=1, pgd_steps=2, prompt_steps=2)
+    c, _, _ = protect("pap", images[:1], model_dir, seed=5, subject=subject, rounds=1, pgd_steps=2, prompt_steps=2)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+    p = DEFENSES.create("pap", {}).params
+    assert (p.eps, p.alpha, p.rounds * p.pgd_steps, p.prompt_steps, p.prompt_lr) == (6.375, 0.5, 120, 20, 1000.0)
