@@ -253,6 +253,7 @@ _BUILTIN_MODULES = (
     "defenses.mist_v2",
     "defenses.caat",
     "defenses.pap",
+    "defenses.metacloak",
     "defenses.genwatermark",
     "attacks.transforms",
     "attacks.dreambooth",

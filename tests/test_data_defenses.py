@@ -104,7 +104,8 @@ def subject():
 
 
 def run_aspl_family(name: str, subject, model_dir, seed: int = 0, n_images: int = 2, **params):
-    defense = DEFENSES.create(name, {**SIMAC_FAST, **params}, profile="tiny")
+    fast = SIMAC_FAST if name == "simac" else {"num_class_images": 2}
+    defense = DEFENSES.create(name, {**fast, **params}, profile="tiny")
     ctx = ctx_for(seed, models={"default": model_dir})
     clean = subject.load("B", RES)[:n_images]
     return clean, defense.protect(ctx, clean, subject, model_dir), ctx, defense
@@ -302,3 +303,46 @@ def test_pap_v1_samples_only_at_the_first_step_and_seeds(images, model_dir, subj
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
     p = DEFENSES.create("pap", {}).params
     assert (p.eps, p.alpha, p.rounds * p.pgd_steps, p.prompt_steps, p.prompt_lr) == (6.375, 0.5, 120, 20, 1000.0)
+
+
+# ----------------------------------------------------------------------------------------------- MetaCloak
+
+def test_metacloak_pool_eot_and_budget(subject, model_dir):
+    import defenses.metacloak as mc
+
+    clean, out, ctx, d = run_aspl_family("metacloak", subject, model_dir, pool_train_steps=4, interval=2,
+                                         advance_steps=1, pgd_steps=3)
+    for o, c in zip(out, clean):
+        assert o.dtype == np.uint8 and linf(o, c) <= 11
+    assert ctx.extra["realised_linf_255"] == 11
+    # pool: weights after steps 0, 1, 3 of the clean trajectory; every member visited once per trial
+    assert ctx.extra["pool_members"] == d.member_log == [0, 1, 3]
+    steps = [ev[0] for ev in d.trace]
+    assert steps.count("pool_step") == 4 and steps.count("pgd_call") == 3 * 2 and steps.count("advance_step") == 6
+    # EOT: one blur + flip draw per PGD step, sigma in [0.1, 2], both flip outcomes seen
+    assert ctx.extra["eot_draws"] == len(d.eot_log) == 6 * 3
+    assert all(0.1 <= s <= 2.0 for s, _ in d.eot_log) and 0 < ctx.extra["eot_flips"] < len(d.eot_log)
+    assert mc.schedule_counts(DEFENSES.create("metacloak", {}).params)["pgd_steps"] == 14_400  # paper scale
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.allclose(mc.gaussian_blur(x, 7, 1e-3), x, atol=1e-6)  # tiny sigma: identity
+    blurred = mc.gaussian_blur(x, 7, 2.0)
+    assert blurred.std() < x.std() and torch.allclose(blurred.mean(), x.mean(), atol=0.02)
+    # the objective under EOT: the last member's L_dn on blurred/flipped images beats same-budget random noise
+    comps = d.models[0].comps
+    comps.unet.eval()
+    prompt = d.models[0].instance_prompt
+    flip = lambda imgs: [np.flip(i, 1).copy() for i in imgs]  # noqa: E731  (an EOT view of the saved images)
+    l_clean, l_noise, l_adv = (fixed_ldn(comps, imgs, prompt) for imgs in (clean, random_noise(clean, 11), out))
+    l_flip = fixed_ldn(comps, flip(out), prompt) - fixed_ldn(comps, flip(clean), prompt)
+    assert l_adv - l_clean > 2 * abs(l_noise - l_clean) and l_adv > l_noise and l_flip > 0, (l_clean, l_noise, l_adv, l_flip)
+
+
+def test_metacloak_same_seed_same_bytes(subject, model_dir):
+    fast = {"pool_train_steps": 2, "interval": 1, "advance_steps": 1, "pgd_steps": 1, "n_images": 1,
+            "with_prior_preservation": False}
+    _, a, _, _ = run_aspl_family("metacloak", subject, model_dir, seed=3, **fast)
+    _, b, _, _ = run_aspl_family("metacloak", subject, model_dir, seed=3, **fast)
+    _, c, _, _ = run_aspl_family("metacloak", subject, model_dir, seed=4, **fast)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+    with pytest.raises(ConfigError, match="blur_kernel"):
+        DEFENSES.create("metacloak", {"blur_kernel": 6})
