@@ -80,6 +80,23 @@ def measure(methods: list[str], n_images: int) -> list[dict]:
     return rows
 
 
+def paper_gb() -> dict[str, float]:
+    """GPU GB at 512 px from SD2.1-base's parameter counts and the activations autograd saves (meta device,
+    benchmarks/aspl_memory.py, flash-style attention), + 0.8 GB CUDA overhead: CAAT (fp32 weights, bf16 autocast,
+    4-image batch, K/V grads + AdamW negligible), PAP (bf16 weights as the reference, 4 images; the embedding
+    descent keeps only a UNet graph, smaller than the PGD graph), Mist-v2 (bf16 weights, one image: max of its PGD
+    step and a LoRA step of 1 instance + 1 class image, i.e. half of ASPL's batch-2 training activations)."""
+    from benchmarks.aspl_memory import _sd21_base_modules, activations
+
+    unet, te, vae = _sd21_base_modules()
+    n = sum(q.numel() for m in (unet, te, vae) for q in m.parameters())
+    act = activations("bf16")
+    return {"caat": n * 4 / GB + act["pgd bs4"]["no_ckpt"] + 0.8,
+            "pap": n * 2 / GB + act["pgd bs4"]["no_ckpt"] + 0.8,
+            "mist-v2": n * 2 / GB + max(act["pgd bs1"]["no_ckpt"], act["train bs2"]["no_ckpt"] / 2) + 0.8,
+            "pid": pid_paper_gb()}
+
+
 def pid_paper_gb() -> float:
     """PID at 512 px, fp32, batch 1: VAE weights + the encoder's saved activations + the clean posterior + 0.8 GB."""
     import torch
@@ -101,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--accounting-only", action="store_true", help="skip the CPU measurements")
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "MODEL_DIR", "IMAGES"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -112,18 +130,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     from bench.plugins import DEFENSES
 
-    rows = measure(args.methods, args.images)
-    print(f"\nMeasured on CPU (1 thread), tiny:a 64 px, tiny profiles, {args.images} images:")
-    print(f"{'method':10s} {'s/image':>8s} {'PGD steps':>9s} {'s/PGD step':>10s} {'peak RSS GB':>11s}")
-    for r in rows:
-        print(f"{r['method']:10s} {r['wall_s_per_image']:8.2f} {r['pgd_steps']:9d} {r['s_per_pgd_step']:10.3f} "
-              f"{r['peak_rss_gb']:11.3f}")
-    print(f"\nPaper defaults (accounting): PID's GPU estimate from the meta device: {pid_paper_gb():.2f} GB")
-    print(f"{'method':10s} {'PGD steps/subject':>17s} {'GPU GB (requires)':>17s}  UNet passes per PGD step")
+    if not args.accounting_only:
+        rows = measure(args.methods, args.images)
+        print(f"\nMeasured on CPU (1 thread), tiny:a 64 px, tiny profiles, {args.images} images (wall includes model "
+              "loading and class-image generation):")
+        print(f"{'method':10s} {'s/image':>8s} {'PGD steps':>9s} {'s/PGD step':>10s} {'peak RSS GB':>11s}")
+        for r in rows:
+            print(f"{r['method']:10s} {r['wall_s_per_image']:8.2f} {r['pgd_steps']:9d} {r['s_per_pgd_step']:10.3f} "
+                  f"{r['peak_rss_gb']:11.3f}")
+    estimates = paper_gb()
+    print("\nPaper defaults (accounting; GB estimated here for CAAT, PAP, Mist-v2 and PID, ASPL's by aspl_memory.py):")
+    print(f"{'method':10s} {'PGD steps/subject':>17s} {'GPU GB (requires)':>17s} {'estimated':>9s}  UNet passes per PGD step")
     for name in args.methods:
         d = DEFENSES.create(name, {})
         per = " (per image)" if name == "mist-v2" else ""
-        print(f"{name:10s} {pgd_steps(name, d.params):>17,d} {d.requires.gpu_memory_gb or 0:17.1f}  {UNET_PASSES[name]}{per}")
+        est = f"{estimates[name]:9.1f}" if name in estimates else f"{'-':>9s}"
+        print(f"{name:10s} {pgd_steps(name, d.params):>17,d} {d.requires.gpu_memory_gb or 0:17.1f} {est}  "
+              f"{UNET_PASSES[name]}{per}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ class CAAT(Defense):
 
     Params = CAATParams
     needs_model = True
-    requires = Requirements(white_box=True, gpu_memory_gb=16.0)  # SD1.5/2.1 fp32 weights, bf16 autocast, 4 images
+    # paper-profile GPU estimate: fp32 weights, bf16 autocast, 4 images: benchmarks/data_defense_costs.py
+    requires = Requirements(white_box=True, gpu_memory_gb=16.9)
     profiles = {"tiny": {"steps": 40, "learning_rate": 1e-3, "mixed_precision": "no"},
                 "proxy": {"learning_rate": 1e-3, "mixed_precision": "no"}}  # proxy: the attacker's 1000x the paper lr
     paper = PAPER

@@ -87,7 +87,8 @@ class MistV2(Defense):
 
     Params = MistV2Params
     needs_model = True
-    requires = Requirements(white_box=True, gpu_memory_gb=6.0)  # README: 6 GB VRAM (bf16, xformers, SD1.5)
+    # paper-profile GPU estimate: benchmarks/data_defense_costs.py (bf16 weights, SD2.1-sized); README: 6 GB
+    requires = Requirements(white_box=True, gpu_memory_gb=7.2)
     profiles = {"tiny": {"rounds": 2, "pgd_steps": 8, "train_steps": 2, "num_class_images": 4, "class_sampler": "ddim",
                          "class_steps": 10, "class_guidance": 3.0, "learning_rate": 1e-3, "learning_rate_text": 1e-4, "mixed_precision": "no"},
                 # proxy: the paper's schedule with the proxy LoRA attacker's learning rate (lora-dreambooth: 2e-3)

@@ -95,7 +95,8 @@ class PID(Defense):
 
     Params = PIDParams
     needs_model = True
-    requires = Requirements(white_box=True, gpu_memory_gb=6.0)  # SD VAE encoder, fp32, 512 px, batch 1 (accounting)
+    # paper-profile GPU estimate: VAE encoder, fp32, 512 px, batch 1: benchmarks/data_defense_costs.py
+    requires = Requirements(white_box=True, gpu_memory_gb=4.3)
     profiles = {"tiny": {"steps": 20}}
     paper = PAPER
 
