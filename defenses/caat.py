@@ -95,7 +95,8 @@ class CAAT(Defense):
     # paper-profile GPU estimate: fp32 weights, bf16 autocast, 4 images: benchmarks/data_defense_costs.py
     requires = Requirements(white_box=True, gpu_memory_gb=16.9)
     profiles = {"tiny": {"steps": 40, "learning_rate": 1e-3, "mixed_precision": "no"},
-                "proxy": {"learning_rate": 1e-3, "mixed_precision": "no"}}  # proxy: the attacker's 1000x the paper lr
+                # proxy: the paper's schedule, K/V lr 100x the paper's (proxy models train at raised rates; not tuned)
+                "proxy": {"learning_rate": 1e-3, "mixed_precision": "no"}}
     paper = PAPER
 
     def __init__(self, params: Any = None) -> None:
