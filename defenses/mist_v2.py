@@ -120,6 +120,8 @@ class MistV2(Defense):
         self.comps = c
         unet_lora = [q for n, q in c.unet.named_parameters() if "lora_" in n]
         te_lora = [q for n, q in c.text_encoder.named_parameters() if "lora_" in n] if p.train_text_encoder else []
+        for q in unet_lora + te_lora:  # trainable only inside _train: PGD needs no parameter gradients
+            q.requires_grad_(False)
         return unet_lora, te_lora
 
     # ------------------------------------------------------------------ PGD (pgd_attack)
