@@ -481,12 +481,21 @@ class _Engine:
         with torch.no_grad():
             return _encode(m, [m.instance_prompt]).detach()
 
+    def draw_timesteps(self, noise_scheduler, n: int) -> torch.Tensor:
+        """PGD timesteps, one per image: t ~ U{0..T-1} (SimAC overrides: t from each image's selected set)."""
+        return torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=self.gen)
+
+    def extra_loss(self, m: _Model, sl: slice, n: int, noise: torch.Tensor, t: torch.Tensor,
+                   emb: torch.Tensor) -> torch.Tensor | None:
+        """A term added to the PGD loss of images ``sl`` right after the UNet call (None: none; SimAC's features)."""
+        return None
+
     def input_gradient(self, m: _Model, x: torch.Tensor, emb: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """d L / d x for the METHODS.md 1.2 loss (mean over images), computed ``pgd_batch_size`` images at a time
         with every draw (VAE sample, t, eps, DDPM variance noise) taken in image order from one generator."""
         c, p, n = m.comps, self.p, len(x)
         vae_eps = torch.randn(_latent_shape(c.vae, n, x.shape[-1]), generator=self.gen)
-        t_all = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (n,), generator=self.gen)
+        t_all = self.draw_timesteps(c.noise_scheduler, n)
         noise_all = torch.randn(vae_eps.shape, generator=self.gen)
         chunk = p.pgd_batch_size or n
         grad = torch.zeros_like(x)
@@ -512,6 +521,9 @@ class _Engine:
                 raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config")
             per_elem = pred[0].numel()
             loss = F.mse_loss(pred.float(), target.float(), reduction="sum") / (n * per_elem)
+            extra = self.extra_loss(m, sl, n, noise, t, e)
+            if extra is not None:
+                loss = loss + extra
             if self.targeted:
                 prev = torch.cat([c.noise_scheduler.step(pred[k:k + 1], int(t[k]), zt[k:k + 1], generator=self.gen).prev_sample
                                   for k in range(len(xs))])
@@ -759,6 +771,7 @@ class _ASPLBase(_AntiDreamBooth):
             self.models.append(m)
         x0 = to_tensor(images).to(ctx.device)
         x = x0.clone()
+        self._before_rounds(ctx, engine, x0)
         for r in range(p.rounds):
             if len(self.models) == 1 or mode == "gradients":
                 x = self._round_joint(engine, x, x0)
@@ -776,6 +789,9 @@ class _ASPLBase(_AntiDreamBooth):
                           "ensemble": mode if self.ensemble_kind else None,
                           "offload_idle_models": offload})
         return out
+
+    def _before_rounds(self, ctx: RunContext, engine: _Engine, x0: torch.Tensor) -> None:
+        """Work between loading the models and the first round (SimAC's timestep selection)."""
 
     def _train_on(self, engine: _Engine, m: _Model, x: torch.Tensor) -> None:
         """The persistent model's steps on the perturbed images (fresh posteriors of the new pixels)."""
