@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
 
 from bench import models as bench_models
 from bench.diffusion import denoising_loss, encode_prompt, to_tensor

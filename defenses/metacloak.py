@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 from bench.diffusion import LatentCache, denoising_loss, to_tensor
 from bench.plugins import DEFENSES, Image, RunContext

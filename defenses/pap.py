@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from bench.lazy import lazy_import
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 from bench import models as bench_models
 from bench.diffusion import encode_prompt, to_tensor
