@@ -153,43 +153,51 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if f"{c} n" in df.columns]
 
 
-def render_markdown(df: pd.DataFrame, title: str) -> str:
-    """Each metric cell: mean [95% interval]; ``ns`` where the paired difference from the ``none`` row is not
-    significant; ``n/a (k)`` or ``inf (k)`` with note k under the table saying why."""
-    if df.empty:
-        return f"# {title}\n\n(no results)\n"
+def formatted(df: pd.DataFrame) -> tuple[list[str], list[dict[str, tuple[str, float | str]]], dict[str, int]]:
+    """The shown columns, per row ``column -> (text, sort value)``, and the notes (text -> number) the texts refer to.
+    A metric cell reads ``mean [95% interval]``, with ``ns`` where the paired difference from the ``none`` row is
+    not significant and ``n/a (k)`` / ``inf (k)`` pointing at note k (why)."""
     metrics = set(metric_columns(df))
     shown = [c for c in df.columns if not c.endswith(SUFFIXES[:6]) and c not in ("config_hash", "code_rev")]
     notes: dict[str, int] = {}
-    table = []
+    rows = []
     for _, r in df.iterrows():
-        out = {}
+        out: dict[str, tuple[str, float | str]] = {}
         for c in shown:
             v = r[c]
             if c not in metrics:
-                out[c] = _fmt(v) if isinstance(v, float) else v
-                if isinstance(v, float) and math.isnan(v):
-                    out[c] = ""
+                number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                out[c] = ("" if number and math.isnan(v) else (_fmt(v) if number else str(v)), v)
                 continue
             note = r.get(f"{c} note") if isinstance(r.get(f"{c} note"), str) else ""
             mark = f" ({notes.setdefault(note, len(notes) + 1)})" if note else ""
             if math.isnan(v):
-                out[c] = "n/a" + mark
+                out[c] = ("n/a" + mark, v)
                 continue
             lo, hi = r.get(f"{c} ci_low", math.nan), r.get(f"{c} ci_high", math.nan)
             text = _fmt(v) + ("" if math.isnan(lo) else f" [{_fmt(lo)}, {_fmt(hi)}]")
             if r.get(f"{c} sig_vs_none") == 0.0:
                 text += " ns"
-            out[c] = text + mark
-        table.append(out)
-    body = pd.DataFrame(table, columns=shown).to_markdown(index=False, disable_numparse=True)
-    legend = ("Mean over subjects and seeds, [95% bootstrap interval over subjects and seeds] (bench/stats.py); `ns`: "
-              f"not significantly different from the `{BASELINE}` row of the same dataset, scenario and attack "
-              "(paired bootstrap over the same subjects and seeds; `bench compare` for the test in full). Higher/lower "
-              "is better per metric: see `bench list metrics`. Cost: the protect stage per published image (wall "
-              "time) and its peak memory.")
+            out[c] = (text + mark, v)
+        rows.append(out)
+    return shown, rows, notes
+
+
+LEGEND = ("Mean over subjects and seeds, [95% bootstrap interval over subjects and seeds] (bench/stats.py); `ns`: "
+          f"not significantly different from the `{BASELINE}` row of the same dataset, scenario and attack (paired "
+          "bootstrap over the same subjects and seeds; `bench compare` gives the test in full). Higher/lower is better "
+          "per metric: see `bench list metrics`. Cost: the protect stage's wall time per published image and its peak "
+          "memory.")
+
+
+def render_markdown(df: pd.DataFrame, title: str) -> str:
+    if df.empty:
+        return f"# {title}\n\n(no results)\n"
+    shown, rows, notes = formatted(df)
+    body = pd.DataFrame([{c: t for c, (t, _) in r.items()} for r in rows], columns=shown) \
+        .to_markdown(index=False, disable_numparse=True)
     foot = "".join(f"\n({k}) {note}" for note, k in notes.items())
-    return f"# {title}\n\n{legend}\n\n{body}\n" + (f"\nNotes:\n{foot}\n" if foot else "")
+    return f"# {title}\n\n{LEGEND}\n\n{body}\n" + (f"\nNotes:\n{foot}\n" if foot else "")
 
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "leaderboards"
