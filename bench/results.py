@@ -39,13 +39,16 @@ class RunResults:
         records = {}
         for done in sorted((Path(out) / "cache").glob("*/*/done.json")):
             try:
-                records[done.parent.name] = json.loads(done.read_text())
-            except (OSError, ValueError):  # a damaged record: `bench verify` reports it; the report leaves it out
+                rec = json.loads(done.read_text())
+                records[rec["key"]] = rec
+            except (OSError, ValueError, KeyError):  # damaged: `bench verify` reports it; the report leaves it out
                 continue
         return cls(Path(out), cells, records)
 
     def path(self, key: str) -> Path:
-        return self.out / "cache" / self.records[key]["kind"] / key
+        from bench.store import ArtifactStore
+
+        return ArtifactStore(self.out / "cache").path(self.records[key]["kind"], key)
 
     def suites(self) -> list[str]:
         return sorted({c["suite"] for c in self.cells})
