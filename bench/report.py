@@ -229,8 +229,9 @@ def plots_html(df: pd.DataFrame, cells: list[dict], info: dict[str, MetricInfo],
                 lo = np.array([rows.loc[x, f"{m} ci_low"] if x in rows.index else np.nan for x in xs], dtype=float)
                 hi = np.array([rows.loc[x, f"{m} ci_high"] if x in rows.index else np.nan for x in xs], dtype=float)
                 y = np.where(np.isfinite(y), y, np.nan)
-                err = np.nan_to_num(np.vstack([y - lo, hi - y]), nan=0.0).clip(min=0)
-                ax.bar(np.arange(len(xs)) + k * width, y, width, yerr=err, capsize=2, label=defense)
+                at = np.arange(len(xs)) + k * width
+                ax.bar(at, y, width, label=defense)
+                ax.vlines(at, lo, hi, colors="k", linewidths=0.8)  # the 95% interval (NaN: none drawn)
             ax.set_xticks(np.arange(len(xs)) + width * (len(defenses) - 1) / 2, xlabels, fontsize=7)
             m_info = info.get(m)
             ax.set_ylabel(_short(m) + ("" if m_info is None else (" (higher better)" if m_info.higher_is_better
@@ -311,8 +312,9 @@ def _budget_plots(ds: str, cells: list[dict], metrics: list[str], info, to: Path
                             pts[b].append(v)
                 if len(pts) >= 2:
                     xs = sorted(pts)
-                    ax.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs], marker="o",
-                                capsize=2, label=sc)
+                    mean, sd = np.array([np.mean(pts[x]) for x in xs]), np.array([np.std(pts[x]) for x in xs])
+                    ax.plot(xs, mean, marker="o", label=sc)
+                    ax.fill_between(xs, mean - sd, mean + sd, alpha=0.2)
                     plotted = True
             if not plotted:
                 plt.close(fig)
