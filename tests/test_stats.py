@@ -104,3 +104,53 @@ def test_compare_frame_is_paired_and_names_the_better_defense():
     assert r["diff (aspl - random-noise)"] == pytest.approx(-0.2, abs=0.01) and r["better for defender"] == "aspl"
     with pytest.raises(ValueError, match="no finished cells of defense 'x'"):
         compare_frame(cells, "x", "aspl")
+
+
+def _suite_ids_and_labels(name: str) -> tuple[set[str], set[str]]:
+    """The protocol ids (paper profile) and the defense/scenario/attack labels of a built-in suite, read from its
+    YAML without the availability checks (the paper metrics' weights are absent here)."""
+    import yaml
+
+    from bench.plugins import METRICS
+    from bench.registry import build_params, load_builtins
+    from bench.suites import _label, suite_path
+
+    load_builtins()
+    doc = yaml.safe_load(suite_path(name).read_text())
+    ids = set()
+    for m in doc["metrics"]:
+        raw = {"name": m} if isinstance(m, str) else dict(m)
+        params = {k: v for k, v in raw.items() if k not in ("name", "label", "per_prompt", "by_profile")}
+        params.update((raw.get("by_profile") or {}).get("paper", {}))
+        cls = METRICS.get(raw["name"])
+        ids.add(cls(build_params(cls, params, "paper", name)).protocol_id())
+    labels = set()
+    for kind in ("defenses", "scenarios", "attacks"):
+        for e in doc[kind]:
+            raw = {"name": e} if isinstance(e, str) else dict(e)
+            labels.add(raw.get("label") or _label(raw["name"], {k: v for k, v in raw.items()
+                                                                 if k not in ("name", "by_profile")}))
+    return ids, labels
+
+
+REFERENCE_SUITES = {"apdm_reference": "paper-apdm", "genwatermark_reference": "paper-genwatermark",
+                    "dapb_aspl_reference": "paper-aspl-dapb"}
+
+
+def test_every_reference_table_names_our_protocol_ids_and_a_suite_that_reproduces_it():
+    import pandas as pd
+
+    from bench.leaderboard import GROUP, REFERENCE_DIR
+
+    assert {p.stem for p in REFERENCE_DIR.glob("*.csv")} == set(REFERENCE_SUITES)
+    readme = (REFERENCE_DIR / "README.md").read_text()
+    for table, suite in REFERENCE_SUITES.items():
+        ref = pd.read_csv(REFERENCE_DIR / f"{table}.csv")
+        assert f"`{table}.csv` | `{suite}`" in readme and ref["source"].notna().all()
+        ids, labels = _suite_ids_and_labels(suite)
+        cols = {c for c in ref.columns if c not in GROUP and c != "source"}
+        if table == "apdm_reference":  # its utility columns need the COCO prompt list (exact ids: test_utility.py)
+            ids |= {c for c in cols if c.startswith(("fid/", "clip-score/")) and "coco-val2014-5k" in c}
+        assert cols <= ids, (table, cols - ids)
+        for key in ("defense", "scenario", "attack"):
+            assert set(ref[key]) <= labels, (table, key, set(ref[key]) - labels)
