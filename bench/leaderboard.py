@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.stats import bootstrap_ci, paired_test
+from bench.stats import bootstrap_ci, differs, paired_test
 from bench.store import atomic_write_text, stable_hash
 
 GROUP = ["dataset", "defense", "scenario", "attack"]
@@ -124,7 +124,7 @@ def leaderboard_frame(cells: list[dict]) -> pd.DataFrame:
             row[f"{m} std"] = float(np.std(finite, ddof=1)) if len(finite) > 1 and len(finite) == len(present) else math.nan
             row[f"{m} n"] = len(present)
             row[f"{m} ci_low"], row[f"{m} ci_high"] = bootstrap_ci(_by_subject(ok, m))
-            sig = paired_test(_paired(baseline, m), _paired(ok, m)).significant if baseline else None
+            sig = differs(_paired(baseline, m), _paired(ok, m)) if baseline else None
             row[f"{m} sig_vs_none"] = math.nan if sig is None else float(sig)
             row[f"{m} note"] = _note(group, ok, m, present)
         row.update(_cost(group))

@@ -10,6 +10,7 @@ matched-pairs rank-biserial correlation, Kerby 2014).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -56,13 +57,16 @@ def bootstrap_ci(groups: list[np.ndarray], level: float = LEVEL, n_boot: int = N
     return float(lo), float(hi)
 
 
+@functools.lru_cache(maxsize=None)
 def expanded_alpha(n: int, level: float = LEVEL) -> float:
     """The tail probability of Hesterberg's expanded percentile interval (Hesterberg 2015, "What teachers should
     know about the bootstrap", sec. 5.2): Phi(-sqrt(n / (n - 1)) t_{n-1, (1 + level) / 2}) instead of
     (1 - level) / 2, which corrects the plain percentile interval's under-coverage for few subjects (n units)."""
-    from scipy.stats import norm, t
+    from statistics import NormalDist
 
-    return float(norm.cdf(-math.sqrt(n / (n - 1)) * t.ppf((1 + level) / 2, n - 1)))
+    from scipy.special import stdtrit  # Student t quantile (scipy.special imports much faster than scipy.stats)
+
+    return NormalDist().cdf(-math.sqrt(n / (n - 1)) * float(stdtrit(n - 1, (1 + level) / 2)))
 
 
 @dataclass(frozen=True)
@@ -88,28 +92,43 @@ class Paired:
         return self.ci_low > 0 or self.ci_high < 0
 
 
+def _paired_diffs(a: dict[tuple, float], b: dict[tuple, float]) -> tuple[list[tuple], np.ndarray, list[np.ndarray]]:
+    """Keys in both with finite values (sorted), their differences b - a, and the differences grouped by subject
+    (the first key element)."""
+    keys = sorted(k for k in a.keys() & b.keys() if np.isfinite(a[k]) and np.isfinite(b[k]))
+    d = np.array([b[k] - a[k] for k in keys])
+    by_subject: dict = {}
+    for k, v in zip(keys, d):
+        by_subject.setdefault(k[0], []).append(v)
+    return keys, d, [np.array(v) for v in by_subject.values()]
+
+
+def differs(a: dict[tuple, float], b: dict[tuple, float], level: float = LEVEL) -> bool | None:
+    """Whether the paired interval of the mean difference b - a excludes 0 (``Paired.significant`` without the
+    rest of the test); None for fewer than two pairs."""
+    _, _, groups = _paired_diffs(a, b)
+    lo, hi = bootstrap_ci(groups, level) if groups else (math.nan, math.nan)
+    return None if math.isnan(lo) else bool(lo > 0 or hi < 0)
+
+
 def paired_test(a: dict[tuple, float], b: dict[tuple, float], level: float = LEVEL, n_boot: int = N_BOOT,
                 seed: int = SEED) -> Paired:
     """Paired comparison of two defenses' values keyed by (subject, seed, ...); the first key element is the
     subject (the bootstrap's cluster). Keys present in one only, and non-finite values, are left out."""
     from scipy.stats import rankdata, wilcoxon
 
-    keys = sorted(k for k in a.keys() & b.keys() if np.isfinite(a[k]) and np.isfinite(b[k]))
-    d = np.array([b[k] - a[k] for k in keys])
+    keys, d, groups = _paired_diffs(a, b)
     if len(keys) == 0:
         return Paired(0, 0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
-    by_subject: dict = {}
-    for k, v in zip(keys, d):
-        by_subject.setdefault(k[0], []).append(v)
-    lo, hi = bootstrap_ci([np.array(v) for v in by_subject.values()], level, n_boot, seed)
-    nonzero = d[d != 0]
+    lo, hi = bootstrap_ci(groups, level, n_boot, seed)
+    nonzero = d[d != 0]  # Wilcoxon's zero_method "wilcox": ties at zero carry no sign
     if len(nonzero) == 0:
         p, rb = 1.0, 0.0
     else:
-        p = float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 1 else math.nan
+        p = float(wilcoxon(nonzero).pvalue)
         r = rankdata(np.abs(nonzero))
         rb = float((r[nonzero > 0].sum() - r[nonzero < 0].sum()) / r.sum())
     sd = float(d.std(ddof=1)) if len(d) > 1 else math.nan
-    dz = float(d.mean() / sd) if sd and not math.isnan(sd) else (0.0 if len(d) > 1 and d.mean() == 0 else math.nan)
-    return Paired(len(keys), len(by_subject), float(np.mean([a[k] for k in keys])), float(np.mean([b[k] for k in keys])),
+    dz = float(d.mean() / sd) if sd > 0 else math.nan  # undefined for one pair or identical differences
+    return Paired(len(keys), len(groups), float(np.mean([a[k] for k in keys])), float(np.mean([b[k] for k in keys])),
                   float(d.mean()), lo, hi, p, dz, rb)
