@@ -52,7 +52,7 @@ def metric_ids(cells: list[dict]) -> list[str]:
     return sorted({pid for c in cells for pid in c["metrics"]})
 
 
-def _note(group: list[dict], ok: list[dict], pid: str, present: list[float]) -> str:
+def _note(group: list[dict], ok: list[dict], pid: str) -> str:
     """Why the cell of ``pid`` has no (finite) value, or some of its cells have none; "" when every value is finite."""
     if not ok:
         reasons = Counter(c.get("reason") or "no reason recorded" for c in group)
@@ -126,7 +126,7 @@ def leaderboard_frame(cells: list[dict]) -> pd.DataFrame:
             row[f"{m} ci_low"], row[f"{m} ci_high"] = bootstrap_ci(_by_subject(ok, m))
             sig = differs(_paired(baseline, m), _paired(ok, m)) if baseline else None
             row[f"{m} sig_vs_none"] = math.nan if sig is None else float(sig)
-            row[f"{m} note"] = _note(group, ok, m, present)
+            row[f"{m} note"] = _note(group, ok, m)
         row.update(_cost(group))
         row["config_hash"] = stable_hash(sorted(c["provenance"].get("config_hash", "") for c in group))[:16]
         row["code_rev"] = ";".join(sorted({c["provenance"].get("code_rev", "") for c in group}))
