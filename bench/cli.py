@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -188,6 +189,47 @@ def cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    """Paired test of two defenses over the same subjects, seeds, scenarios and attacks (bench/stats.py)."""
+    from bench.leaderboard import compare_frame
+    from bench.results import RunResults
+    from bench.store import atomic_write_text
+
+    run = RunResults.open(Path(a.out), a.suite, a.profile)
+    better = {pid: m.higher_is_better for pid, m in run.metric_info().items()}
+    if not run.suites():
+        raise ConfigError(f"no results in {a.out}" + (f" for suite {a.suite}" if a.suite else ""))
+    for s in run.suites():
+        try:
+            df = compare_frame([c for c in run.cells if c["suite"] == s], a.a, a.b, better)
+        except ValueError as e:
+            raise ConfigError(f"bench compare, suite {s}: {e}") from None
+        path = Path(a.out) / "leaderboards" / f"{_safe_name(s)}.compare.{_safe_name(a.a)}.vs.{_safe_name(a.b)}.csv"
+        atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
+        print(f"# {s}: {a.b} vs {a.a}\n")
+        print("Paired over the same (subject, seed) cells: mean difference with its 95% cluster bootstrap interval "
+              "over subjects and seeds, Wilcoxon signed-rank p, effect sizes Cohen's d_z and rank-biserial r. "
+              "`better for defender` is set only where the interval excludes 0.\n")
+        untested = sorted(set(df.metric[df.pairs == 0]))
+        print(df[df.pairs > 0].to_markdown(index=False, floatfmt=".4g"))
+        if untested:
+            print(f"\nno finite pairs (NaN or inf in every cell; `bench leaderboard` says why): {', '.join(untested)}")
+        print(f"\n(written to {path})\n")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from bench.report import write_report
+
+    index = write_report(Path(a.out), Path(a.to) if a.to else None, a.suite, a.profile)
+    print(f"report: {index}")
+    return 0
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     """Check every finished artifact of an output folder against its record (every file's size and sha256)."""
     from bench.store import ArtifactStore
@@ -325,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--profile", default="paper", help="the profile whose metric settings apply (default paper)")
     sc.add_argument("--out", default=None, help="CSV file (default: stdout)")
     sc.set_defaults(fn=cmd_score)
+
+    cp = sub.add_parser("compare", help="paired test of defense B against defense A over the same subjects and seeds")
+    cp.add_argument("a", metavar="A", help="defense label as in the leaderboard, e.g. random-noise")
+    cp.add_argument("b", metavar="B", help="defense label, e.g. aspl")
+    cp.add_argument("--out", default="runs")
+    cp.add_argument("--suite", default=None)
+    cp.add_argument("--profile", default=None)
+    cp.set_defaults(fn=cmd_compare)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report (image grids, tables, plots, provenance)")
+    rp.add_argument("--out", default="runs", help="the run folder")
+    rp.add_argument("--to", default=None, help="report folder (default: OUT/report)")
+    rp.add_argument("--suite", default=None)
+    rp.add_argument("--profile", default=None)
+    rp.set_defaults(fn=cmd_report)
 
     vf = sub.add_parser("verify", help="check every cached artifact of an output folder against its recorded hashes")
     vf.add_argument("--out", default="runs")

@@ -28,7 +28,7 @@ BUILT_MODEL_FAMILIES = ("tiny", "proxy")  # bench.models.MODEL_FAMILIES (not imp
 
 # Bump a kind's version when its runner's output changes.
 STAGE_VERSIONS = {"model": 1, "protect": 1, "compose": 1, "class_images": 1, "attack": 1, "generate": 1, "sample": 1,
-                  "measure": 1}
+                  "measure": 2}  # measure 2: value.json says why a value is NaN or inf ("reason")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Cell:
     stages: list[str] = field(default_factory=list)  # every stage key the cell needs
     measures: dict[str, str] = field(default_factory=dict)  # protocol id -> measure stage key
     model_stages: dict[str, str] = field(default_factory=dict)  # role -> model stage key
+    protect: str = ""  # the cell's own protect stage (a watermark cell also has the undefended run's)
 
     @property
     def cell_id(self) -> str:
@@ -221,7 +222,8 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                       "subject_fingerprint": subj["fingerprint"], "instance_prompt": chain["instance_prompt"],
                                       "eval_prompts": chain["eval_prompts"], "metrics": sorted(measures)}
                             cells.append(Cell(keys, config, sorted(cell_stages), measures,
-                                              {"defense": protect_deps[0] if protect_deps else "", "attacker": attacker_model}))
+                                              {"defense": protect_deps[0] if protect_deps else "", "attacker": attacker_model},
+                                              protect))
     ordered = _topological(b.stages)
     return Plan(ordered, cells)
 

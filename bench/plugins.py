@@ -128,6 +128,24 @@ def subject_name(subject: Any) -> str:
     return str(key() if callable(key) else getattr(subject, "name", None) or getattr(subject, "id", None) or subject)
 
 
+class Explained(float):
+    """A metric value that is not an ordinary number (NaN: undefined; inf: e.g. PSNR of identical images) together
+    with why; it is a float, so callers that only compare numbers are unaffected. The measure stage writes
+    ``reason`` next to the value and the leaderboard shows it instead of an empty cell."""
+
+    reason: str
+
+    def __new__(cls, value: float, reason: str) -> "Explained":
+        obj = super().__new__(cls, value)
+        obj.reason = reason
+        return obj
+
+
+def explained(value: float, reason: str) -> float:
+    """``value`` (NaN or inf) carrying ``reason`` (see ``Explained``)."""
+    return Explained(value, reason)
+
+
 class Metric(Plugin):
     """A number computed under a fixed protocol (``protocol_id`` is the leaderboard column).
 
@@ -145,9 +163,19 @@ class Metric(Plugin):
     def protocol_id(self) -> str:
         raise NotImplementedError
 
+    # the subjects a protocol is defined for, for the reason a cell of another subject gives ("face subjects")
+    applies_description: ClassVar[str] = ""
+
     def applies_to(self, subject: "Subject") -> bool:
         """False where the protocol is undefined (face metrics on a dog): the cell reports NaN, not a failure."""
         return True
+
+    def not_applicable_reason(self, subject: "Subject") -> str:
+        """Why the cell of ``subject`` is NaN when ``applies_to`` is False."""
+        what = f"{self.name} is defined for {self.applies_description} only" if self.applies_description \
+            else f"{self.name} is undefined here"
+        return (f"not applicable: {what}, not for {getattr(subject, 'dataset', '?')} subjects of class "
+                f"{getattr(subject, 'class_noun', '?')!r}")
 
     def compute(self, inputs: MetricInputs) -> float:
         raise NotImplementedError

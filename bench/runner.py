@@ -257,8 +257,10 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
 
     cells_ok, failures = 0, {}
     for cell in p.plan.cells:
-        status, reason, metrics = _finalise_cell(cell, store, stages, failed)
+        status, reason, metrics, notes = _finalise_cell(cell, store, stages, failed)
         prov = _provenance(cell, store, stages, p.profile)
+        if notes:
+            prov["metric_notes"] = notes
         ledger.put_cell(p.suite.name, p.profile.name, cell.cell_id, cell.keys, status, reason, metrics, prov)
         if status == "ok":
             cells_ok += 1
@@ -359,15 +361,29 @@ def _cell_name(cell: Cell) -> str:
     return f"{k['dataset']}/{k['subject']} | {k['defense']} | {k['scenario']} | {k['attack']} | seed {k['seed']}"
 
 
-def _finalise_cell(cell: Cell, store: ArtifactStore, stages, failed: dict[str, str]) -> tuple[str, str, dict]:
+def _finalise_cell(cell: Cell, store: ArtifactStore, stages,
+                   failed: dict[str, str]) -> tuple[str, str, dict, dict[str, str]]:
+    """(status, failure reason, metric values, why a value is NaN or inf) of one cell."""
     for key in cell.stages:
         if key in failed:
-            return "failed", failed[key], {}
-    metrics = {}
+            return "failed", failed[key], {}, {}
+    metrics, notes = {}, {}
     for pid, key in cell.measures.items():
-        value = json.loads((store.path("measure", key) / "value.json").read_text())["value"]
-        metrics[pid] = value
-    return "ok", "", metrics
+        value = json.loads((store.path("measure", key) / "value.json").read_text())
+        metrics[pid] = value["value"]
+        if "reason" in value:
+            notes[pid] = value["reason"]
+    return "ok", "", metrics, notes
+
+
+def protect_cost(rec: dict) -> dict[str, Any]:
+    """The protect stage's compute cost from its record: wall time, peak RSS (``peak_rss_scope`` "stage": during
+    that stage; "process": since its process started) and peak CUDA memory (None on a CPU), with the number of
+    published images they are for."""
+    n = rec.get("extra", {}).get("n_images") or len([f for f in rec.get("files", {}) if f.startswith("images/")])
+    return {"key": rec.get("key"), "wall_s": rec.get("wall_s"), "n_images": n or None,
+            "peak_rss_mb": rec.get("peak_rss_mb"), "peak_rss_scope": rec.get("peak_rss_scope", "process"),
+            "peak_gpu_mb": rec.get("peak_gpu_mb")}
 
 
 def _provenance(cell: Cell, store: ArtifactStore, stages, profile: Profile) -> dict[str, Any]:
@@ -387,6 +403,8 @@ def _provenance(cell: Cell, store: ArtifactStore, stages, profile: Profile) -> d
                 extra[f"weights_match_pin[{ref}]"] = all(weights[ref].get(c) == h for c, h in pins.items())
         if st.kind in ("protect", "compose"):
             extra.update({f"{st.kind}.{k}": v for k, v in rec.get("extra", {}).items()})
+        if st.kind == "protect" and key == cell.protect:
+            extra["protect_cost"] = protect_cost(rec)
     return {"config_hash": cell.config_hash, "config": cell.config, "code_rev": code_revision(),
             "versions": package_versions(), "seed": cell.keys["seed"], "wall_s": round(wall, 3),
             "peak_rss_mb": peak, "weights_sha256": weights, "stages": cell.stages, **extra}

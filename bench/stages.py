@@ -112,11 +112,14 @@ def run_protect(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
                      for name, key in p.get("generated", {}).items()}
     model_dir = next(iter(ctx.models.values()), None)
     if p["kind"] == "harden":  # the owners publish unmodified photos; the model carries the protection
-        defense.harden(ctx, model_dir, [subject_from_spec(s) for s in p["subjects"]], ctx.work_dir / "model")
+        subjects = [subject_from_spec(s) for s in p["subjects"]]
+        ctx.extra["n_images"] = sum(len(s.file_names("B")) for s in subjects)
+        defense.harden(ctx, model_dir, subjects, ctx.work_dir / "model")
         return
     subject = subject_from_spec(p["subject"])
     clean = subject.load("B", p["resolution"])
     names = [Path(n).stem + ".png" for n in subject.file_names("B")]
+    ctx.extra["n_images"] = len(clean)  # the cost columns are per published image
     published = defense.protect(ctx, clean, subject, model_dir)
     _check_published(published, clean, defense, p["defense"]["name"])
     if p["kind"] == "watermark":
@@ -234,8 +237,15 @@ def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
         baseline = [k for k in stage.deps if env.stages[k].kind == "generate"][1:]
         if baseline:  # a needs_baseline metric of a watermark defense: the undefended run's images
             inputs.baseline_generated = load_images(env.store.path("generate", baseline[0]) / "images")
-    value = float(metric.compute(inputs)) if metric.applies_to(subject) else math.nan
-    (ctx.work_dir / "value.json").write_text(json.dumps({"protocol": p["protocol"], "value": value}))
+    out: dict[str, Any] = {"protocol": p["protocol"]}
+    if metric.applies_to(subject):
+        value = metric.compute(inputs)
+        out["value"] = float(value)
+        if not math.isfinite(value):
+            out["reason"] = getattr(value, "reason", f"{metric.name} returned {float(value)} (it gave no reason)")
+    else:
+        out.update(value=math.nan, reason=metric.not_applicable_reason(subject))
+    (ctx.work_dir / "value.json").write_text(json.dumps(out))
 
 
 RUNNERS: dict[str, Callable[[Stage, StageEnv, RunContext], None]] = {
@@ -244,7 +254,32 @@ RUNNERS: dict[str, Callable[[Stage, StageEnv, RunContext], None]] = {
 }
 
 
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory() -> str:
+    """Start a stage's peak-memory window: "stage" where Linux lets a process reset its peak RSS (writing 5 to
+    /proc/self/clear_refs resets VmHWM), else "process" (the peak since the process started); also resets
+    torch's CUDA peak counter."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        _CLEAR_REFS.write_text("5")
+        return "stage"
+    except OSError:
+        return "process"
+
+
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (since ``reset_peak_memory`` where it could reset it), MiB."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
@@ -267,6 +302,7 @@ def run_stage(stage: Stage, env: StageEnv) -> StageResult:
     ctx = RunContext(seed=seed, device=env.device, profile=env.profile,
                      resolution=int(stage.params.get("resolution", 0) or 0), work_dir=tmp,
                      allow_unsafe_weights=env.allow_unsafe_weights, progress=env.progress)
+    scope = reset_peak_memory()
     start = time.perf_counter()
     try:
         _seed_everything(seed)
@@ -279,7 +315,7 @@ def run_stage(stage: Stage, env: StageEnv) -> StageResult:
         raise
     record = {"kind": stage.kind, "key": stage.key, "label": stage.label, "params": stage.params, "deps": list(stage.deps),
               "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-              "peak_gpu_mb": _peak_gpu_mb(), "extra": ctx.extra}
+              "peak_rss_scope": scope, "peak_gpu_mb": _peak_gpu_mb(), "extra": ctx.extra}
     store.commit(stage.kind, stage.key, tmp, record)
     return StageResult(stage.key, True, record=record)
 

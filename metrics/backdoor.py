@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from bench.plugins import METRICS, Image, Metric, MetricInputs
+from bench.plugins import METRICS, Image, Metric, MetricInputs, explained
 from bench.registry import Requirements
 from bench.stages import load_images
 
@@ -94,7 +94,7 @@ class BackdoorSuccess(Metric):
     def compute(self, inputs: MetricInputs) -> float:
         targets = backdoor_targets(inputs.defense_dir, inputs.subject.id)
         if not targets:
-            return math.nan
+            return explained(math.nan, f"not applicable: defense {inputs.defense or '?'} planted no backdoor targets")
         if not inputs.generated:
             raise ValueError(f"{self.name}: no generated images")
         subject = [im for split in ("A", "B") for im in inputs.subject.load(split, inputs.resolution)]

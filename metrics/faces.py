@@ -47,7 +47,7 @@ import numpy as np
 
 from bench import weights
 from bench.images import checked_rgb
-from bench.plugins import METRICS, Image, Metric, MetricInputs, NotProvided, subject_name
+from bench.plugins import METRICS, Image, Metric, MetricInputs, NotProvided, explained, subject_name
 from bench.registry import Requirements
 
 SHAPE_PREDICTOR = "shape_predictor_68_face_landmarks.dat"
@@ -609,7 +609,10 @@ class IdentityProtocol:
         if self.noface is not None:
             return float(np.mean([self.noface if s is None else s for s in scores]))
         kept = [s for s in scores if s is not None]
-        return float(np.mean(kept)) if kept else float("nan")
+        if kept:
+            return float(np.mean(kept))
+        return explained(math.nan, f"no face detected (or matched to the references) in any of the {len(scores)} "
+                                   f"generated images")
 
 
 # --- parameters and metrics --------------------------------------------------------------------------------
@@ -658,6 +661,8 @@ class _FaceMetric(Metric):
     target = "generated"
     requires = Requirements(modules=("dlib", "face_recognition_models"))
     embeds: ClassVar[bool] = True  # False: detection only (FDFR, detection score) needs only the detector's weights
+
+    applies_description = "face subjects (class noun person)"
 
     def applies_to(self, subject) -> bool:
         return getattr(subject, "class_noun", "person") == "person"

@@ -11,6 +11,8 @@ backbone is torchvision's ImageNet AlexNet/VGG16, which lpips would download: he
 """
 from __future__ import annotations
 
+import math
+
 import functools
 import warnings
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import numpy as np
 
 from bench import weights
 from bench.images import checked_rgb
-from bench.plugins import METRICS, Image, Metric, MetricInputs
+from bench.plugins import METRICS, Image, Metric, MetricInputs, explained
 from bench.registry import Requirements
 
 
@@ -82,7 +84,11 @@ class Psnr(Metric):
         return "psnr/skimage/protected-vs-clean"
 
     def compute(self, inputs: MetricInputs) -> float:
-        return mean_over_pairs(inputs, "psnr", _psnr)
+        value = mean_over_pairs(inputs, "psnr", _psnr)
+        if math.isinf(value):
+            return explained(value, "inf: a protected image is identical to its clean original (MSE 0), "
+                                    "as for the undefended `none` row")
+        return value
 
 
 def _ssim(p: Image, c: Image) -> float:

@@ -249,6 +249,8 @@ class _SubjectIdentityMetric(Metric):
     requires = Requirements()
     paper: ClassVar[str] = "built in: the synthetic analogue of Anti-DreamBooth's ISM (ArcFace) and of face identification"
 
+    applies_description = "the synthetic dataset's subjects (synthid knows no others)"
+
     def applies_to(self, subject) -> bool:
         return getattr(subject, "dataset", "") == "synthetic"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.plugins import DEFENSES, Metric, MetricInputs, METRICS
+from bench.plugins import DEFENSES, Metric, MetricInputs, METRICS, explained
 from bench.registry import Requirements
 
 
@@ -45,9 +45,14 @@ class WatermarkDetectRate(Metric):
         return f"wm-detect/own-detector/threshold={self.params.threshold:g}"
 
     def compute(self, inputs: MetricInputs) -> float:
-        if inputs.detector_dir is None or not inputs.generated:
-            return math.nan
+        if inputs.detector_dir is None:
+            return explained(math.nan, _NO_DETECTOR.format(inputs.defense or "?"))
+        if not inputs.generated:
+            return explained(math.nan, "no generated images to test")
         return float((_scores(inputs, inputs.generated) >= self.params.threshold).mean())
+
+
+_NO_DETECTOR = "not applicable: defense {} is not a watermark defense (no detector)"
 
 
 class _TwoClassMetric(Metric):
@@ -59,7 +64,7 @@ class _TwoClassMetric(Metric):
 
     def compute(self, inputs: MetricInputs) -> float:
         if inputs.detector_dir is None:
-            return math.nan
+            return explained(math.nan, _NO_DETECTOR.format(inputs.defense or "?"))
         if not inputs.generated or not inputs.baseline_generated:
             raise ValueError(f"{self.name}: needs the watermarked run's and the undefended run's generations "
                              f"(got {len(inputs.generated)} and {len(inputs.baseline_generated)})")
