@@ -1,23 +1,244 @@
-"""Executors (DESIGN.md "Execution"): ``local`` runs stages one by one in this process; ``slurm`` submits each
-wave of independent stages as a job array through submitit. Workers only write artifacts; results come back to
-the driver, which alone writes the ledger."""
+"""Executors (DESIGN.md "Execution"): the workers the scheduler (bench/scheduler.py) hands ready stages to.
+
+``local``: the cores and GPUs of this machine (``--jobs 1``: one stage at a time in the driver process); ``slurm``:
+jobs on a Slurm cluster through submitit, resources per stage kind from a cluster profile. Workers only write
+artifacts; results come back to the driver, which alone writes the ledger.
+"""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import signal
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from bench.plugins import EXECUTORS, Executor
-from bench.registry import Requirements
+from bench.registry import ConfigError, Requirements
+from bench.scheduler import Finished
+from bench.stages import StageResult
+
+CPU_ONLY_KINDS = frozenset({"compose"})  # stage kinds that never load a model: CPU workers on a CUDA run
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+def shipped(call: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``call`` made picklable for another process (progress bars stay in the driver)."""
+    env = getattr(call, "env", None)
+    if env is None:
+        return call
+    return dataclasses.replace(call, env=dataclasses.replace(env, progress=_no_progress))
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else every device torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def plugin_modules() -> list[str]:
+    """Modules whose import registers the plug-ins this process knows (a spawned worker imports them too)."""
+    from bench.plugins import REGISTRIES
+
+    mods = {cls.__module__ for reg in REGISTRIES.values() for _, cls in reg.items()}
+    return sorted(m for m in mods if m != "__main__")
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the driver dies (kill -9 included), so no orphan writes on."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _worker_main(conn, env: dict[str, str], modules: list[str], parent: int) -> None:
+    """A local worker: pinned by ``env`` (threads, GPU) before torch starts; runs stage keys sent by the driver."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    _die_with_parent()
+    if os.getppid() != parent:
+        return
+    os.environ.update(env)
+    from bench.cli import configure_threads, quiet_libraries
+    from bench.registry import load_builtins
+
+    quiet_libraries()
+    configure_threads()
+    load_builtins()
+    for m in modules:
+        importlib.import_module(m)
+    call = conn.recv()
+    while True:
+        try:
+            key = conn.recv()
+        except EOFError:
+            return
+        if key is None:
+            return
+        conn.send(call(key))
+
+
+class _Worker:
+    def __init__(self, ctx, pool: str, slot: int, env: dict[str, str], call, modules: list[str]) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, env, modules, os.getpid()),
+                                name=f"bench-{pool}-{slot}")
+        self.proc.start()
+        child.close()
+        self.conn.send(call)
+        gpu = env.get("CUDA_VISIBLE_DEVICES")
+        self.where = f"local {pool} worker {slot} (pid {self.proc.pid}" + (f", GPU {gpu}" if gpu else "") + \
+                     f", {env['BENCH_CPU_THREADS']} thread(s))"
+        self.key: str | None = None
+
+
+class _Pool:
+    """``size`` worker slots, started on first use and restarted after a crash."""
+
+    def __init__(self, name: str, envs: list[dict[str, str]]) -> None:
+        self.name, self.envs = name, envs
+        self.workers: list[_Worker | None] = [None] * len(envs)
+
+    def busy(self) -> int:
+        return sum(w is not None and w.key is not None for w in self.workers)
+
+    def idle_slot(self) -> int:
+        for i, w in enumerate(self.workers):
+            if w is not None and w.key is None:
+                return i
+        return self.workers.index(None)
+
+
+@dataclass(frozen=True)
+class LocalParams:
+    pass
 
 
 @EXECUTORS.register("local")
 class LocalExecutor(Executor):
-    """Sequential, on one device, in the driver process (the default)."""
+    """This machine. ``--jobs 1``: one stage at a time in the driver. Otherwise worker processes, each pinned to its
+    share: on a CPU run one per core (``--jobs N``: N, cores/N torch threads each); on a CUDA run one per visible GPU
+    (``CUDA_VISIBLE_DEVICES``; ``--jobs N``: N spread over the GPUs) for model stages, plus CPU workers for
+    ``compose``. A worker that dies fails its attempt (retried) and is restarted."""
 
-    def run(self, tasks: list[str], run_one: Callable[[str], Any], on_result: Callable[[Any], None]) -> None:
-        for key in tasks:
-            on_result(run_one(key))
+    Params = LocalParams
+
+    def start(self, call: Callable[[str], Any], jobs: int = 0) -> None:
+        self.call = call
+        self.done: list[Finished] = []
+        self.queue: list[str] = []
+        self.pools: dict[str, _Pool] = {}
+        self.started: list[tuple[str, str, str]] = []
+        device = call.env.device
+        n_cores = cores()
+        gpu = device.startswith("cuda")
+        if jobs == 1 or (not gpu and jobs == 0 and n_cores == 1):
+            self.in_process = True
+            return
+        self.in_process = False
+        self.ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited CUDA state or torch thread pools
+        self.shipped = shipped(call)
+        self.modules = plugin_modules()
+        cpu_n = jobs if (jobs and not gpu) else n_cores
+        cpu_env = {"BENCH_CPU_THREADS": str(max(1, n_cores // cpu_n)), "CUDA_VISIBLE_DEVICES": ""}
+        self.pools["cpu"] = _Pool("cpu", [cpu_env] * cpu_n)
+        if gpu:
+            ids = visible_gpus() if device == "cuda" else []  # cuda:N names one device: workers share it
+            n = jobs or max(1, len(ids))
+            threads = str(max(1, n_cores // n))
+            self.pools["gpu"] = _Pool("gpu", [{"BENCH_CPU_THREADS": threads,
+                                               **({"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]} if ids else {})}
+                                              for i in range(n)])
+
+    def describe(self) -> str:
+        if self.in_process:
+            return "local: 1 stage at a time in the driver"
+        return "local: " + ", ".join(f"{len(p.envs)} {p.name} worker(s)" for p in self.pools.values())
+
+    def _pool(self, kind: str) -> _Pool:
+        return self.pools["gpu" if "gpu" in self.pools and kind not in CPU_ONLY_KINDS else "cpu"]
+
+    def has_room(self, kind: str) -> bool:
+        if self.in_process:
+            return not self.queue
+        pool = self._pool(kind)
+        return pool.busy() < len(pool.workers)
+
+    def submit(self, key: str) -> None:
+        if self.in_process:
+            self.queue.append(key)
+            self.started.append((key, f"driver (pid {os.getpid()})", ""))
+            return
+        pool = self._pool(self.call.env.stages[key].kind)
+        slot = pool.idle_slot()
+        if pool.workers[slot] is not None and not pool.workers[slot].proc.is_alive():  # died while idle
+            pool.workers[slot] = None
+        if pool.workers[slot] is None:
+            pool.workers[slot] = _Worker(self.ctx, pool.name, slot, pool.envs[slot], self.shipped, self.modules)
+        w = pool.workers[slot]
+        w.key = key
+        w.conn.send(key)
+        self.started.append((key, w.where, ""))
+
+    def flush(self) -> list[tuple[str, str, str]]:
+        out, self.started = self.started, []
+        return out
+
+    def wait(self) -> list[Finished]:
+        if self.in_process:
+            key = self.queue.pop()
+            return [Finished(key, self.call(key), f"driver (pid {os.getpid()})")]
+        busy = {w: (p, i) for p in self.pools.values() for i, w in enumerate(p.workers) if w and w.key}
+        ready = set(mpc.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
+        out = []
+        for w, (pool, slot) in busy.items():
+            if w.conn in ready:
+                try:
+                    out.append(Finished(w.key, w.conn.recv(), w.where))
+                    w.key = None
+                    continue
+                except (EOFError, OSError):
+                    pass
+            if w.conn in ready or w.proc.sentinel in ready:  # died mid-stage (killed, out of memory, segfault)
+                w.proc.join(5)
+                code = w.proc.exitcode
+                why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                out.append(Finished(w.key, StageResult(w.key, False, error=f"worker process died ({why})"), w.where))
+                pool.workers[slot] = None
+        return out
+
+    def stop(self, interrupted: bool = False) -> None:
+        workers = [w for p in self.pools.values() for w in p.workers if w is not None]
+        for w in workers:
+            if w.key is None:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+            else:  # interrupted mid-stage: its temp folder is removed by the next run
+                w.proc.terminate()
+        for w in workers:
+            w.proc.join(10)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+        self.pools = {}
 
 
 @dataclass(frozen=True)
@@ -30,29 +251,70 @@ class SlurmParams:
     mem_gb: int = 64
     timeout_min: int = 720
     cluster: str = ""  # "" = auto (slurm if available); "local"/"debug" for testing without Slurm
+    poll_s: float = 5.0  # seconds between job state checks
 
 
 @EXECUTORS.register("slurm")
 class SlurmExecutor(Executor):
-    """One Slurm job array per wave of independent stages (submitit). Cluster settings are parameters,
-    never code (HARNESSES.md 5.4)."""
+    """One Slurm job per stage (submitit), submitted as soon as its inputs exist; ``--jobs N`` bounds the jobs in
+    flight (default 256). Cluster settings are parameters, never code (HARNESSES.md 5.4)."""
 
     Params = SlurmParams
-    parallel = True
     requires = Requirements(modules=("submitit",), extra="cluster")
 
-    def run(self, tasks: list[str], run_one: Callable[[str], Any], on_result: Callable[[Any], None]) -> None:
+    def start(self, call: Callable[[str], Any], jobs: int = 0) -> None:
         import submitit
 
         p = self.params
-        ex = submitit.AutoExecutor(folder=Path(p.folder), cluster=p.cluster or None)
+        self.call = shipped(call)
+        self.limit = jobs or 256
+        self.ex = submitit.AutoExecutor(folder=Path(p.folder), cluster=p.cluster or None)
         extra: dict[str, Any] = {}
         if p.partition:
             extra["slurm_partition"] = p.partition
         if p.account:
             extra["slurm_account"] = p.account
-        ex.update_parameters(timeout_min=p.timeout_min, gpus_per_node=p.gpus_per_node, cpus_per_task=p.cpus_per_task,
-                             mem_gb=p.mem_gb, **extra)
-        jobs = ex.map_array(run_one, tasks)
-        for job in jobs:
-            on_result(job.result())
+        try:
+            self.ex.update_parameters(timeout_min=p.timeout_min, gpus_per_node=p.gpus_per_node,
+                                      cpus_per_task=p.cpus_per_task, mem_gb=p.mem_gb, **extra)
+        except ValueError as e:
+            raise ConfigError(f"--executor slurm: {e}") from None
+        self.jobs: dict[str, Any] = {}
+        self.started: list[tuple[str, str, str]] = []
+
+    def describe(self) -> str:
+        return f"slurm ({self.ex.cluster}): up to {self.limit} jobs in flight"
+
+    def has_room(self, kind: str) -> bool:
+        return len(self.jobs) < self.limit
+
+    def submit(self, key: str) -> None:
+        job = self.ex.submit(self.call, key)
+        self.jobs[key] = job
+        self.started.append((key, f"slurm ({self.ex.cluster})", str(job.job_id)))
+
+    def flush(self) -> list[tuple[str, str, str]]:
+        out, self.started = self.started, []
+        return out
+
+    def wait(self) -> list[Finished]:
+        while True:
+            if self.ex.cluster == "debug":  # submitit's debug jobs run in this process when collected
+                done = [next(iter(self.jobs))]
+            else:
+                done = [k for k, j in self.jobs.items() if j.done()]
+            if done:
+                return [self._collect(k) for k in done]
+            time.sleep(self.params.poll_s)
+
+    def _collect(self, key: str) -> Finished:
+        job = self.jobs.pop(key)
+        where = f"slurm ({self.ex.cluster})"
+        try:
+            return Finished(key, job.result(), where, str(job.job_id))
+        except Exception as e:  # the job failed outside the stage: killed, timed out, node failure
+            return Finished(key, StageResult(key, False, error=f"job {job.job_id}: {type(e).__name__}: {e}"),
+                            where, str(job.job_id))
+
+    def stop(self, interrupted: bool = False) -> None:
+        self.jobs = {}
