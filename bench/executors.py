@@ -242,10 +242,78 @@ class LocalExecutor(Executor):
 
 
 @dataclass(frozen=True)
-class SlurmParams:
-    folder: str = "slurm-logs"  # submitit logs, relative to the current directory
+class SlurmClass:
+    """Resources of one class of stages (a cluster profile entry): one Slurm job runs ``group`` stages."""
+
     partition: str = ""
     account: str = ""
+    qos: str = ""
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: int = 64
+    time_min: int = 720
+    group: int = 1  # stages per job (small CPU stages: compose, measure)
+
+
+STAGE_KINDS = ("model", "protect", "compose", "class_images", "attack", "generate", "sample", "measure")
+
+
+def load_cluster_profile(path: Path, base: SlurmClass) -> dict[str, SlurmClass]:
+    """A user's cluster profile: YAML mapping ``default`` and stage kinds to resources (``SlurmClass`` fields), e.g.
+
+        default: {partition: gpu, account: lab, gpus: 1, cpus: 8, mem_gb: 64, time_min: 720}
+        compose: {partition: cpu, gpus: 0, cpus: 1, mem_gb: 4, time_min: 30, group: 64}
+        measure: {partition: cpu, gpus: 0, cpus: 4, mem_gb: 16, time_min: 60, group: 16}
+
+    A kind's entry starts from ``default`` (itself from ``base``, the executor's flat parameters); unlisted kinds
+    take ``default``."""
+    import yaml
+
+    where = f"cluster profile {path}"
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a mapping of 'default' and stage kinds to resources")
+    fields = {f.name: f.type for f in dataclasses.fields(SlurmClass)}
+
+    def entry(name: str, start: SlurmClass) -> SlurmClass:
+        raw = doc.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: {name}: expected a mapping of {sorted(fields)}")
+        bad = sorted(set(raw) - set(fields))
+        if bad:
+            raise ConfigError(f"{where}: {name}: unknown key(s) {bad}; expected {sorted(fields)}")
+        for k, v in raw.items():
+            if fields[k] == "str" and not isinstance(v, str):
+                raise ConfigError(f"{where}: {name}.{k}: expected a string, got {v!r}")
+            least = 0 if k == "gpus" else 1
+            if fields[k] == "int" and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+                raise ConfigError(f"{where}: {name}.{k}: expected a whole number >= {least}, got {v!r}")
+        return dataclasses.replace(start, **raw)
+
+    unknown = sorted(set(doc) - {"default", *STAGE_KINDS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown stage kind(s) {unknown}; expected 'default' or {list(STAGE_KINDS)}")
+    default = entry("default", base)
+    return {kind: entry(kind, default) if kind in doc else default for kind in STAGE_KINDS}
+
+
+def _run_group(call: Callable[[str], Any], keys: list[str]) -> list[StageResult]:
+    """One Slurm job running several small stages in turn."""
+    return [call(k) for k in keys]
+
+
+@dataclass(frozen=True)
+class SlurmParams:
+    folder: str = "slurm-logs"  # submitit logs, relative to the current directory
+    profile: str = ""  # cluster profile YAML: resources per stage kind (see load_cluster_profile)
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
     gpus_per_node: int = 1
     cpus_per_task: int = 8
     mem_gb: int = 64
@@ -256,65 +324,78 @@ class SlurmParams:
 
 @EXECUTORS.register("slurm")
 class SlurmExecutor(Executor):
-    """One Slurm job per stage (submitit), submitted as soon as its inputs exist; ``--jobs N`` bounds the jobs in
-    flight (default 256). Cluster settings are parameters, never code (HARNESSES.md 5.4)."""
+    """Slurm jobs through submitit, each submitted as soon as its stages' inputs exist: one job per stage, or
+    ``group`` small stages of a kind per job; resources per stage kind from a cluster profile YAML (``profile=``),
+    else the flat parameters for every stage. ``--jobs N`` bounds the stages in flight (default 1024). Cluster
+    settings are the user's files and parameters, never code (HARNESSES.md 5.4)."""
 
     Params = SlurmParams
     requires = Requirements(modules=("submitit",), extra="cluster")
 
+    def __init__(self, params=None) -> None:
+        super().__init__(params)
+        p = self.params
+        base = SlurmClass(p.partition, p.account, p.qos, p.gpus_per_node, p.cpus_per_task, p.mem_gb, p.timeout_min)
+        self.classes = load_cluster_profile(Path(p.profile), base) if p.profile else dict.fromkeys(STAGE_KINDS, base)
+
     def start(self, call: Callable[[str], Any], jobs: int = 0) -> None:
         import submitit
 
-        p = self.params
         self.call = shipped(call)
-        self.limit = jobs or 256
-        self.ex = submitit.AutoExecutor(folder=Path(p.folder), cluster=p.cluster or None)
-        extra: dict[str, Any] = {}
-        if p.partition:
-            extra["slurm_partition"] = p.partition
-        if p.account:
-            extra["slurm_account"] = p.account
-        try:
-            self.ex.update_parameters(timeout_min=p.timeout_min, gpus_per_node=p.gpus_per_node,
-                                      cpus_per_task=p.cpus_per_task, mem_gb=p.mem_gb, **extra)
-        except ValueError as e:
-            raise ConfigError(f"--executor slurm: {e}") from None
-        self.jobs: dict[str, Any] = {}
-        self.started: list[tuple[str, str, str]] = []
+        self.limit = jobs or 1024
+        self.ex = submitit.AutoExecutor(folder=Path(self.params.folder), cluster=self.params.cluster or None)
+        self.jobs: dict[str, tuple[Any, list[str]]] = {}  # job id -> (job, its stage keys)
+        self.buffer: dict[str, list[str]] = {}  # stage kind -> keys submitted since the last flush
+        self.in_flight = 0
 
     def describe(self) -> str:
-        return f"slurm ({self.ex.cluster}): up to {self.limit} jobs in flight"
+        return f"slurm ({self.ex.cluster}): up to {self.limit} stages in flight"
 
     def has_room(self, kind: str) -> bool:
-        return len(self.jobs) < self.limit
+        return self.in_flight < self.limit
 
     def submit(self, key: str) -> None:
-        job = self.ex.submit(self.call, key)
-        self.jobs[key] = job
-        self.started.append((key, f"slurm ({self.ex.cluster})", str(job.job_id)))
+        self.buffer.setdefault(self.call.env.stages[key].kind, []).append(key)
+        self.in_flight += 1
 
     def flush(self) -> list[tuple[str, str, str]]:
-        out, self.started = self.started, []
-        return out
+        started = []
+        for kind, keys in self.buffer.items():
+            c = self.classes[kind]
+            extra = {f"slurm_{k}": v for k, v in (("partition", c.partition), ("account", c.account),
+                                                   ("qos", c.qos)) if v}
+            try:
+                self.ex.update_parameters(timeout_min=c.time_min, gpus_per_node=c.gpus, cpus_per_task=c.cpus,
+                                          mem_gb=c.mem_gb, **extra)
+            except ValueError as e:
+                raise ConfigError(f"--executor slurm ({kind} stages): {e}") from None
+            for i in range(0, len(keys), c.group):
+                group = keys[i:i + c.group]
+                job = self.ex.submit(_run_group, self.call, group)
+                self.jobs[str(job.job_id)] = (job, group)
+                started += [(k, f"slurm ({self.ex.cluster})", str(job.job_id)) for k in group]
+        self.buffer = {}
+        return started
 
     def wait(self) -> list[Finished]:
         while True:
             if self.ex.cluster == "debug":  # submitit's debug jobs run in this process when collected
                 done = [next(iter(self.jobs))]
             else:
-                done = [k for k, j in self.jobs.items() if j.done()]
+                done = [j for j, (job, _) in self.jobs.items() if job.done()]
             if done:
-                return [self._collect(k) for k in done]
+                return [f for j in done for f in self._collect(j)]
             time.sleep(self.params.poll_s)
 
-    def _collect(self, key: str) -> Finished:
-        job = self.jobs.pop(key)
+    def _collect(self, job_id: str) -> list[Finished]:
+        job, keys = self.jobs.pop(job_id)
+        self.in_flight -= len(keys)
         where = f"slurm ({self.ex.cluster})"
         try:
-            return Finished(key, job.result(), where, str(job.job_id))
-        except Exception as e:  # the job failed outside the stage: killed, timed out, node failure
-            return Finished(key, StageResult(key, False, error=f"job {job.job_id}: {type(e).__name__}: {e}"),
-                            where, str(job.job_id))
+            results = job.result()
+        except Exception as e:  # the job failed outside the stages: killed, timed out, node failure
+            results = [StageResult(k, False, error=f"job {job_id}: {type(e).__name__}: {e}") for k in keys]
+        return [Finished(k, r, where, job_id) for k, r in zip(keys, results)]
 
     def stop(self, interrupted: bool = False) -> None:
         self.jobs = {}

@@ -106,12 +106,6 @@ class Ledger:
         cols = [c[0] for c in cur.description]
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
-    def stage_runs(self, key: str | None = None) -> list[dict]:
-        cur = self.db.execute("SELECT * FROM stage_runs" + (" WHERE key = ?" if key else "") + " ORDER BY at",
-                              (key,) if key else ())
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
-
     def cells(self, suite: str | None = None, profile: str | None = None) -> list[dict]:
         q, args = "SELECT * FROM cells", []
         conds = []
