@@ -398,4 +398,12 @@ class SlurmExecutor(Executor):
         return [Finished(k, r, where, job_id) for k, r in zip(keys, results)]
 
     def stop(self, interrupted: bool = False) -> None:
+        """Ctrl-C cancels the run's jobs (a later driver does not adopt running jobs: after a kill -9 their stages
+        are submitted again, and the store keeps whichever copy finishes first)."""
+        if interrupted:
+            for job, _ in self.jobs.values():
+                try:
+                    job.cancel(check=False)
+                except Exception as e:  # scancel missing or refusing: say so, the jobs then finish on their own
+                    print(f"could not cancel job {job.job_id}: {e}", file=sys.stderr)
         self.jobs = {}
