@@ -145,9 +145,10 @@ def test_two_workers_equal_sequential_and_ctrl_c_resumes(out_dir, tmp_path):
     assert json.loads((seq / "summary.json").read_text())["executor"].startswith("local: 1 stage at a time")
 
     cmd = [sys.executable, "-m", "bench.cli", "run", "--suite", str(suite), "--out", str(out_dir), "--jobs", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if we ignore it
     deadline = time.time() + 180
-    while time.time() < deadline and not list((out_dir / "cache").glob("attack/*/done.json")):
+    while time.time() < deadline and not list((out_dir / "cache").glob("compose/*/done.json")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
