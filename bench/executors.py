@@ -75,6 +75,7 @@ def _worker_main(conn, env: dict[str, str], modules: list[str], parent: int) -> 
     if os.getppid() != parent:
         return
     os.environ.update(env)
+    call = conn.recv()  # first, so that the driver never waits for this worker's imports
     from bench.cli import configure_threads, quiet_libraries
     from bench.registry import load_builtins
 
@@ -83,7 +84,6 @@ def _worker_main(conn, env: dict[str, str], modules: list[str], parent: int) -> 
     load_builtins()
     for m in modules:
         importlib.import_module(m)
-    call = conn.recv()
     while True:
         try:
             key = conn.recv()
