@@ -42,7 +42,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     opts = RunOptions(suite=a.suite, profile=a.profile, out=Path(a.out), data=_data_arg(a.data), executor=a.executor,
                       executor_params=_kv_arg(a.executor_opt, "--executor-opt"), dry_run=a.dry_run,
-                      allow_unsafe_weights=a.allow_unsafe_weights, keep_weights=a.keep_weights, device=a.device)
+                      allow_unsafe_weights=a.allow_unsafe_weights, keep_weights=a.keep_weights, device=a.device,
+                      jobs=_jobs_arg(a.jobs), retries=a.retries)
+    if opts.retries < 0:
+        raise ConfigError(f"--retries {a.retries}: must be 0 or more")
     prepared = prepare(opts)
     _warn(prepared.warnings)
     if a.dry_run:
@@ -55,6 +58,49 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"FAILED {cell}: {reason}", file=sys.stderr)
     print(f"leaderboard: {summary['leaderboard_csv']}")
     return 1 if summary["cells_failed"] else 0
+
+
+def _jobs_arg(value: str | None) -> int:
+    """--jobs (else ``BENCH_JOBS``): a positive number, or "auto" / unset (0: every core, or one per GPU)."""
+    raw = value if value is not None else os.environ.get("BENCH_JOBS", "auto")
+    if raw.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        where = "--jobs" if value is not None else "BENCH_JOBS"
+        raise ConfigError(f"{where} {raw!r}: expected a positive number of workers or 'auto'")
+    return n
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    """Stage states of an output folder, from its ledger (the driver records every transition)."""
+    from collections import Counter
+
+    from bench.ledger import Ledger
+
+    db = Path(a.out) / "ledger.sqlite"
+    if not db.is_file():
+        raise ConfigError(f"no run in {a.out} (no ledger.sqlite); start one with `bench run --out {a.out}`")
+    ledger = Ledger(db)
+    states = ledger.stage_states()
+    ledger.close()
+    order = ["queued", "running", "done", "failed"]
+    total = Counter(s["state"] for s in states)
+    print(f"{a.out}: " + ", ".join(f"{total.get(st, 0)} {st}" for st in order) + " stages")
+    for kind in sorted({s["kind"] for s in states}):
+        c = Counter(s["state"] for s in states if s["kind"] == kind)
+        print(f"  {kind:13s}" + "  ".join(f"{st} {c.get(st, 0):4d}" for st in order))
+    for s in states:
+        if s["state"] == "running":
+            job = f", job {s['job_id']}" if s["job_id"] else ""
+            print(f"RUNNING {s['label']} (attempt {s['attempts']}, {s['host']}{job})")
+    for s in states:
+        if s["state"] == "failed":
+            print(f"FAILED {s['label']}: {s['reason']}")
+    return 0
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -329,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", default="local", help="local (default) or slurm")
     r.add_argument("--executor-opt", action="append", metavar="KEY=VALUE",
                    help="executor parameter, e.g. partition=gpu timeout_min=600 (see `bench list executors`)")
+    r.add_argument("--jobs", default=None, metavar="N",
+                   help="stages in flight: local worker processes (default, or BENCH_JOBS: every core on CPU, one per "
+                        "GPU; 1: one at a time in this process), Slurm jobs (default 256)")
+    r.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="further attempts of a failed stage before its cells fail (bad input is never retried)")
     r.add_argument("--keep-weights", action="store_true",
                    help="keep fine-tuned weights after generation (default: delete them, keep their records)")
     r.add_argument("--device", default=None, help="override the profile's device (cpu, cuda, cuda:1)")
@@ -382,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--suite", default=None)
     rp.add_argument("--profile", default=None)
     rp.set_defaults(fn=cmd_report)
+
+    st = sub.add_parser("status", help="queued, running, done and failed stages of an output folder (from its ledger)")
+    st.add_argument("--out", default="runs")
+    st.set_defaults(fn=cmd_status)
 
     vf = sub.add_parser("verify", help="check every cached artifact of an output folder against its recorded hashes")
     vf.add_argument("--out", default="runs")

@@ -1,7 +1,8 @@
 """The results ledger: one SQLite file per output folder, written only by the driver process.
 
-A row per cell (its keys, status, failure reason, metric values by protocol id, provenance) and a row per stage
-execution attempt. Workers never open it (HARNESSES.md 4.2: shared SQLite writers lock each other out).
+A row per cell (its keys, status, failure reason, metric values by protocol id, provenance), a row per stage
+execution attempt (``stage_runs``: attempt number, where it ran, job id, error) and each stage's latest state
+(``stages``: queued, running, done, failed; what `bench status` shows). Workers never open it (HARNESSES.md 4.2: shared SQLite writers lock each other out).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ CREATE TABLE IF NOT EXISTS cells (
 );
 CREATE TABLE IF NOT EXISTS stage_runs (
   key TEXT, kind TEXT, label TEXT, ok INTEGER, error TEXT, wall_s REAL, peak_rss_mb REAL, at REAL
+);
+CREATE TABLE IF NOT EXISTS stages (
+  key TEXT PRIMARY KEY, kind TEXT, label TEXT, state TEXT, attempts INTEGER, host TEXT, job_id TEXT, reason TEXT,
+  updated REAL
 );
 """
 
@@ -49,6 +54,10 @@ class Ledger:
             if status != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {status}")
             db.executescript(SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(stage_runs)")}
+            for col, typ in (("attempt", "INTEGER"), ("host", "TEXT"), ("job_id", "TEXT")):  # ledgers before retries
+                if col not in have:
+                    db.execute(f"ALTER TABLE stage_runs ADD COLUMN {col} {typ}")
             db.execute("SELECT count(*) FROM cells").fetchone()
         except sqlite3.DatabaseError:
             db.close()
@@ -64,11 +73,38 @@ class Ledger:
                  keys["attack"], keys["seed"], status, reason, json.dumps(metrics, sort_keys=True),
                  json.dumps(provenance, sort_keys=True, default=str), time.time()))
 
-    def put_stage_run(self, key: str, kind: str, label: str, ok: bool, error: str, record: dict | None) -> None:
+    def put_stage_run(self, key: str, kind: str, label: str, ok: bool, error: str, record: dict | None,
+                      attempt: int = 1, host: str = "", job_id: str = "") -> None:
         record = record or {}
         with self.db:
-            self.db.execute("INSERT INTO stage_runs VALUES (?,?,?,?,?,?,?,?)",
-                            (key, kind, label, int(ok), error, record.get("wall_s"), record.get("peak_rss_mb"), time.time()))
+            self.db.execute("INSERT INTO stage_runs (key, kind, label, ok, error, wall_s, peak_rss_mb, at, attempt, "
+                            "host, job_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            (key, kind, label, int(ok), error, record.get("wall_s"), record.get("peak_rss_mb"),
+                             time.time(), attempt, host, job_id))
+
+    def set_states(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """(key, kind, label, state) for many stages at once (a run's start: queued or done)."""
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO stages (key, kind, label, state, attempts, host, job_id, reason, updated) "
+                "VALUES (?,?,?,?,0,'','','',?) ON CONFLICT(key) DO UPDATE SET state=excluded.state, "
+                "reason='', updated=excluded.updated", [(*r, now) for r in rows])
+
+    def set_state(self, key: str, state: str, attempts: int | None = None, host: str | None = None,
+                  job_id: str | None = None, reason: str | None = None) -> None:
+        sets, args = ["state = ?", "updated = ?"], [state, time.time()]
+        for col, v in (("attempts", attempts), ("host", host), ("job_id", job_id), ("reason", reason)):
+            if v is not None:
+                sets.append(f"{col} = ?")
+                args.append(v)
+        with self.db:
+            self.db.execute(f"UPDATE stages SET {', '.join(sets)} WHERE key = ?", (*args, key))
+
+    def stage_states(self) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM stages ORDER BY updated")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     def cells(self, suite: str | None = None, profile: str | None = None) -> list[dict]:
         q, args = "SELECT * FROM cells", []

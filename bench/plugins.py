@@ -239,13 +239,34 @@ class Scenario(Plugin):
 
 
 class Executor(Plugin):
-    """Runs ready stages. Workers compute artifacts; only the driver writes the ledger."""
+    """Supplies workers to the scheduler (bench/scheduler.py). Workers compute artifacts; only the driver writes the
+    ledger. ``start`` gets the picklable ``call`` (stage key -> StageResult, ``call.env.stages`` the plan) and
+    ``jobs`` (--jobs; 0 = the executor's default); ``wait`` blocks until at least one submitted attempt ends and
+    returns ``bench.scheduler.Finished`` records; ``stop`` ends the workers (``interrupted``: Ctrl-C)."""
 
-    parallel: ClassVar[bool] = False  # True: receives whole waves of independent stages
-
-    def run(self, tasks: list[str], run_one: Callable[[str], Any], on_result: Callable[[Any], None]) -> None:
-        """Run independent stage keys; call ``on_result`` in this (the driver's) process for each result."""
+    def start(self, call: Callable[[str], Any], jobs: int = 0) -> None:
         raise NotImplementedError
+
+    def has_room(self, kind: str) -> bool:
+        raise NotImplementedError
+
+    def submit(self, key: str) -> None:
+        """Start (or queue for the next ``flush``) one attempt of stage ``key``."""
+        raise NotImplementedError
+
+    def flush(self) -> list[tuple[str, str, str]]:
+        """Send what ``submit`` queued; (key, where it runs, job id or "") of each attempt started since last call."""
+        raise NotImplementedError
+
+    def wait(self) -> list[Any]:
+        raise NotImplementedError
+
+    def stop(self, interrupted: bool = False) -> None:
+        pass
+
+    def describe(self) -> str:
+        """Workers as the run summary states them."""
+        return self.name
 
 
 DEFENSES: Registry[Defense] = Registry("defense", Defense, "antipersonalization_bench.defenses")

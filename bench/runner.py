@@ -17,7 +17,8 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.ledger import Ledger
-from bench.planner import Cell, Plan, build_plan, stage_depths
+from bench.planner import Cell, Plan, build_plan
+from bench.scheduler import Finished, run_dag
 from bench.plugins import EXECUTORS
 from bench.profiles import Profile, get_profile, resolve_device
 from bench.registry import ConfigError, load_builtins
@@ -39,6 +40,8 @@ class RunOptions:
     keep_weights: bool = False  # keep fine-tuned weights after their images were generated
     device: str | None = None
     progress: bool | None = None  # None: only on a terminal
+    jobs: int = 0  # workers / jobs in flight (--jobs); 0: the executor's default (local: every core or GPU)
+    retries: int = 2  # further attempts of a failed stage (bad input is never retried)
 
 
 @dataclass
@@ -157,10 +160,6 @@ def package_versions() -> dict[str, str]:
     return {"python": sys.version.split()[0], **{n: _version(n) for n in names}}
 
 
-def _no_progress(done: int, total: int) -> None:
-    pass
-
-
 @dataclass
 class StageCall:
     """Picklable ``key -> StageResult`` for executors that ship work to other processes."""
@@ -212,8 +211,6 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
     repaired: dict[str, str] = {}
     cached, todo = verified_plan(stages, store, repaired)
     cached |= {k for k in stages if k not in todo}  # pruned stages nobody needs again count as done
-    failed: dict[str, str] = {}
-    ran: set[str] = set()
     overall = tqdm(total=len(stages), initial=len(cached), desc="stages", unit="stage", disable=not show)
     inner = tqdm(total=0, desc="", leave=False, disable=not show)
 
@@ -224,36 +221,26 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
         inner.refresh()
 
     env = StageEnv(store=store, stages=stages, profile=p.profile.name, device=device,
-                   allow_unsafe_weights=opts.allow_unsafe_weights,
-                   progress=progress if opts.executor == "local" else _no_progress)
-
-    def on_result(res: StageResult) -> None:
-        st = stages[res.key]
-        ledger.put_stage_run(res.key, st.kind, st.label, res.ok, res.error, res.record)
-        if res.ok:
-            ran.add(res.key)
-        else:
-            failed[res.key] = f"{st.kind} stage failed ({st.label}): {res.error}"
-        overall.update(1)
-
-    run_one = StageCall(env)
-
-    consumers = consumers_of(stages)
-    for wave in _waves(todo, stages, executor.parallel):
-        ready = []
-        for k in wave:
-            bad = [d for d in stages[k].deps if d in failed]
-            if bad:
-                failed[k] = failed[bad[0]]  # inherit the first upstream reason
-                overall.update(1)
-            else:
-                ready.append(k)
-        if ready:
-            executor.run(ready, run_one, on_result)
-            if not opts.keep_weights:
-                _prune_consumed(ready, stages, consumers, store)
+                   allow_unsafe_weights=opts.allow_unsafe_weights, progress=progress)
+    executor.start(StageCall(env), opts.jobs)
+    workers = executor.describe()
+    events = _LedgerEvents(ledger, stages, store, consumers_of(stages), opts.keep_weights, overall)
+    ledger.set_states([(k, stages[k].kind, stages[k].label, "done") for k in cached]
+                      + [(k, stages[k].kind, stages[k].label, "queued") for k in todo])
+    try:
+        failed = run_dag(todo, stages, executor, opts.retries, events)
+    except BaseException:  # Ctrl-C: stop the workers; finished stages stay, the next run resumes
+        executor.stop(interrupted=True)
+        for k in events.running:
+            ledger.set_state(k, "queued", reason="interrupted")
+        ledger.close()
+        inner.close()
+        overall.close()
+        raise
+    executor.stop()
     inner.close()
     overall.close()
+    ran = events.ran
 
     cells_ok, failures = 0, {}
     for cell in p.plan.cells:
@@ -276,7 +263,8 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
         "suite": p.suite.name, "profile": p.profile.name, "device": device, "code_rev": code_revision(),
         "cells_total": len(p.plan.cells), "cells_ok": cells_ok, "cells_failed": len(failures),
         "stages_total": len(stages), "stages_run": len(ran), "stages_cached": len(cached),
-        "stages_failed": len([k for k in failed if k in todo]),
+        "stages_failed": len([k for k in failed if k in todo]), "attempts_retried": events.retried,
+        "executor": workers,
         "damaged_artifacts_recomputed": repaired,
         "naive_stage_executions": p.plan.naive_stage_count(),
         "failures": failures, "leaderboard_csv": str(csv_path), "leaderboard_md": str(md_path),
@@ -338,13 +326,41 @@ def needed_stages(stages, done: set[str], pruned: set[str]) -> list[str]:
     return [k for k in stages if k in need]
 
 
-def _waves(todo: list[str], stages, parallel: bool) -> list[list[str]]:
-    """Parallel executors get every stage of one DAG depth at once; a sequential one gets stages one by one in plan
-    order (cell by cell), so fine-tuned weights are pruned as soon as their images exist and never pile up."""
-    if not parallel:
-        return [[k] for k in todo]
-    depth = stage_depths(stages)
-    return [[k for k in todo if depth[k] == level] for level in sorted({depth[k] for k in todo})]
+class _LedgerEvents:
+    """The scheduler's transitions, written by the driver: stage states, one ``stage_runs`` row per attempt, progress,
+    and pruning of fine-tuned weights once every consumer is done."""
+
+    def __init__(self, ledger: Ledger, stages, store: ArtifactStore, consumers, keep_weights: bool, bar) -> None:
+        self.ledger, self.stages, self.store, self.consumers = ledger, stages, store, consumers
+        self.keep_weights, self.bar = keep_weights, bar
+        self.running: set[str] = set()
+        self.ran: set[str] = set()
+        self.retried = 0
+
+    def started(self, key: str, attempt: int, where: str, job_id: str) -> None:
+        self.running.add(key)
+        self.ledger.set_state(key, "running", attempts=attempt, host=where, job_id=job_id, reason="")
+
+    def attempt(self, fin: Finished, attempt: int, final: bool) -> None:
+        st, res = self.stages[fin.key], fin.result
+        self.running.discard(fin.key)
+        self.ledger.put_stage_run(fin.key, st.kind, st.label, res.ok, res.error, res.record, attempt, fin.where,
+                                  fin.job_id)
+        if not res.ok and not final:
+            self.retried += 1
+            print(f"attempt {attempt} of {st.label} failed ({res.error}); retrying", file=sys.stderr)
+            self.ledger.set_state(fin.key, "queued", reason=res.error)
+
+    def done(self, key: str) -> None:
+        self.ran.add(key)
+        self.ledger.set_state(key, "done")
+        self.bar.update(1)
+        if not self.keep_weights:
+            _prune_consumed([key], self.stages, self.consumers, self.store)
+
+    def failed(self, key: str, reason: str) -> None:
+        self.ledger.set_state(key, "failed", reason=reason)
+        self.bar.update(1)
 
 
 def _prune_consumed(finished: list[str], stages, consumers: dict[str, list[str]], store: ArtifactStore) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.images import load_png, save_png
+from bench.datasets import DataError
+from bench.images import ImageError, load_png, save_png
 from bench.planner import Stage
 from bench.plugins import ATTACKS, DATASETS, DEFENSES, METRICS, Image, MetricInputs, RunContext, ScenarioSpec
 from bench.registry import build_params
@@ -290,6 +291,7 @@ class StageResult:
     ok: bool
     error: str = ""
     record: dict | None = None
+    retryable: bool = True  # False: bad input (a corrupt image, a wrong folder layout), the same on every attempt
 
 
 def run_stage(stage: Stage, env: StageEnv) -> StageResult:
@@ -309,7 +311,7 @@ def run_stage(stage: Stage, env: StageEnv) -> StageResult:
         RUNNERS[stage.kind](stage, env, ctx)
     except Exception as e:  # recorded for the cell; the rest of the suite goes on
         store.abort(tmp)
-        return StageResult(stage.key, False, error=_reason(e))
+        return StageResult(stage.key, False, error=_reason(e), retryable=not isinstance(e, (ImageError, DataError)))
     except BaseException:  # Ctrl-C, SystemExit: no half-written temp folder left behind
         store.abort(tmp)
         raise

@@ -11,6 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# runs stay in the test process (monkeypatched profiles and registries reach the stages); the parallel executor's own
+# tests pass --jobs
+os.environ.setdefault("BENCH_JOBS", "1")
 
 from bench.cli import configure_threads, quiet_libraries  # noqa: E402
 

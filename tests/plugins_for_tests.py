@@ -70,3 +70,34 @@ class CheckerboardWatermark(Defense):
 def _pattern(shape) -> np.ndarray:
     yy, xx = np.indices(shape)
     return np.where((yy + xx) % 2 == 0, 1.0, -1.0)
+
+
+@dataclass(frozen=True)
+class FlakyParams:
+    marker: str = ""  # a folder: a subject's first attempt leaves a file there and fails, later attempts succeed
+    mode: str = "raise"  # "raise": the first attempt raises; "exit": its worker process dies; "always": every one raises
+
+
+@DEFENSES.register("test-flaky")
+class FlakyDefense(Defense):
+    """Publishes the photos unchanged after failing as ``mode`` says (the scheduler's retries)."""
+
+    Params = FlakyParams
+    test_only = True
+
+    def protect(self, ctx: RunContext, images: list[Image], subject, model_dir) -> list[Image]:
+        import os
+
+        if self.params.mode == "always":
+            raise RuntimeError("test-flaky: fails on every attempt")
+        marker = Path(self.params.marker) / subject.id
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(os.getpid()))
+            if self.params.mode == "exit":
+                os._exit(3)
+            raise RuntimeError("test-flaky: first attempt fails")
+        return images
+
+    def budget_255(self):
+        return 0.0

@@ -195,13 +195,27 @@ def test_weights_are_pruned_and_recomputed_only_when_needed(out_dir, tmp_path):
     assert main(["run", "--suite", str(suite), "--out", str(out_dir), "--keep-weights"]) == 0
 
 
-def test_slurm_executor_through_submitit_debug_cluster(out_dir, tmp_path):
+def test_slurm_executor_through_submitit_debug_cluster(out_dir, tmp_path, capsys):
     suite = write_suite(tmp_path, MICRO.replace("defenses: [none, {name: random-noise, eps: 8}]", "defenses: [none]"))
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text("default: {partition: gpu, qos: normal, gpus: 1, cpus: 4, mem_gb: 16, time_min: 60}\n"
+                       "measure: {partition: cpu, gpus: 0, cpus: 1, mem_gb: 2, group: 8}\n")
     code = main(["run", "--suite", str(suite), "--out", str(out_dir), "--executor", "slurm",
-                 "--executor-opt", "cluster=debug", "--executor-opt", f"folder={tmp_path / 'logs'}"])
+                 "--executor-opt", "cluster=debug", "--executor-opt", f"folder={tmp_path / 'logs'}",
+                 "--executor-opt", f"profile={profile}", "--jobs", "64"])
     assert code == 0 and summary(out_dir)["cells_ok"] == 1
+    jobs = sqlite3.connect(out_dir / "ledger.sqlite").execute("SELECT kind, job_id FROM stage_runs").fetchall()
+    measure_jobs = {j for k, j in jobs if k == "measure"}
+    # linf and psnr (of the protected images) are ready together: one job; brisque (of generations) comes later
+    assert len([k for k, _ in jobs if k == "measure"]) == 3 and len(measure_jobs) == 2
+    assert all(j.startswith("DEBUG_") for _, j in jobs)
     assert main(["run", "--suite", str(suite), "--out", str(out_dir), "--executor", "slurm",
                  "--executor-opt", "partitoin=gpu"]) == 2
+    profile.write_text("measure: {partition: cpu, gpus: -1}\ncompsoe: {cpus: 1}\n")
+    capsys.readouterr()
+    assert main(["run", "--suite", str(suite), "--out", str(out_dir), "--executor", "slurm",
+                 "--executor-opt", f"profile={profile}"]) == 2
+    assert f"cluster profile {profile}: unknown stage kind(s) ['compsoe']" in capsys.readouterr().err
 
 
 def test_entry_point_plugins_are_loaded(monkeypatch):
