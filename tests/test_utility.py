@@ -64,17 +64,22 @@ def fid_metric(reference: Path, **kw) -> Fid:
     return Fid(build_params(Fid, {"reference": str(reference), "dims": 64, **kw}, "tiny", "test"))
 
 
-def test_fid_without_weights_names_the_fetch_command(tmp_path, monkeypatch):
+def test_fid_without_weights_names_the_fetch_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BENCH_WEIGHTS_DIR", str(tmp_path / "empty"))
     m = fid_metric(save_folder(tmp_path / "ref", images(0, 2)))
     reason = m.missing_weights()
     assert reason and "bench weights fetch fid-inception" in reason and "pt_inception" in reason
     with pytest.raises(WeightsUnavailable, match="bench weights fetch fid-inception"):
         m.compute(MetricInputs(subject=None, resolution=64, generated=images(1, 3)))
-    # a suite that uses it is refused before anything runs (exit 2), naming the weights
+    # a suite that uses it is refused before anything runs (exit 2), naming the weights; `bench validate` says the
+    # suite is well formed (exit 0) and lists the missing weights with the same command
     suite = write_suite(tmp_path, MICRO.replace("metrics: [linf, psnr, brisque]",
                                                 f"metrics: [{{name: fid, reference: {tmp_path / 'ref'}}}]"))
-    assert main(["validate", str(suite)]) == 2
+    assert main(["run", "--suite", str(suite), "--out", str(tmp_path / "o")]) == 2
+    assert "bench weights fetch fid-inception" in capsys.readouterr().err
+    assert main(["validate", str(suite)]) == 0
+    out = capsys.readouterr().out
+    assert "cannot run here" in out and "bench weights fetch fid-inception" in out
 
 
 def test_fid_algebra_with_random_inception_weights(tmp_path, monkeypatch, random_inception_weights):
