@@ -187,17 +187,13 @@ def _report_bad_inputs(prepared) -> int:
 
 def cmd_leaderboard(a: argparse.Namespace) -> int:
     from bench.leaderboard import compare_with_reference, leaderboard_frame, render_markdown
-    from bench.ledger import Ledger
+    from bench.results import RunResults, directions
 
-    db = Path(a.out) / "ledger.sqlite"
-    if not db.is_file():
-        raise ConfigError(f"no results in {a.out} (no ledger.sqlite); run `bench run --out {a.out}` first")
-    ledger = Ledger(db)
-    rows = ledger.cells(a.suite, a.profile)
-    ledger.close()
+    run = RunResults.open(Path(a.out), a.suite, a.profile)
+    rows, worst = run.cells, directions(run.metric_info())
     suites = sorted({r["suite"] for r in rows})
     for s in suites:
-        df = leaderboard_frame([r for r in rows if r["suite"] == s])
+        df = leaderboard_frame([r for r in rows if r["suite"] == s], worst)
         if a.reference:
             try:
                 df = compare_with_reference(df, a.reference)

@@ -9,6 +9,13 @@ Cost columns: the protect stage's wall time per published image, its peak RSS an
 and max memory over the row's protect stages). Each row carries ``config_hash`` (a hash over its cells' config
 hashes: the cells themselves are in the ledger) and ``code_rev`` so that every number can be traced to the
 configuration and code that produced it.
+
+Worst case (issue 13, like AutoAttack's worst case over attacks): given the metrics' directions, each dataset x
+defense with two or more rows the attacker can choose between (every scenario that hands the attacker no leaked
+clean image, times every attack) gets a summary row, scenario ``(worst case)``, attack ``(attacker's best)``: per
+attack-outcome metric the value of the row best for the attacker (its mean, interval, ``n``, ``sig_vs_none``), and
+``<id> worst_of`` naming that row (``scenario / attack``). Metrics of the published images themselves (L-inf, PSNR)
+are the same in every row and are copied.
 """
 from __future__ import annotations
 
@@ -25,7 +32,9 @@ from bench.store import atomic_write_text, stable_hash
 GROUP = ["dataset", "defense", "scenario", "attack"]
 BASELINE = "none"
 COST_COLS = ["protect s/image", "protect peak RSS MB", "protect peak GPU MB"]
-SUFFIXES = (" std", " n", " ci_low", " ci_high", " sig_vs_none", " note", " paper", " diff")
+SUFFIXES = (" std", " n", " ci_low", " ci_high", " sig_vs_none", " note", " worst_of", " paper", " diff")
+HIDDEN_SUFFIXES = SUFFIXES[:7]  # shown inside the metric's own Markdown cell, not as columns
+WORST_SCENARIO, WORST_ATTACK = "(worst case)", "(attacker's best)"
 
 
 def _record(c: dict, keys: list[str]) -> dict:
@@ -102,7 +111,9 @@ def _paired(cells: list[dict], pid: str) -> dict[tuple, float]:
     return {(str(c.get("subject", "")), c.get("seed", 0)): _value(c, pid) for c in cells}
 
 
-def leaderboard_frame(cells: list[dict]) -> pd.DataFrame:
+def leaderboard_frame(cells: list[dict], directions: dict[str, tuple[bool, str]] | None = None) -> pd.DataFrame:
+    """One row per dataset x defense x scenario x attack; ``directions`` (protocol id -> (higher is better for the
+    defender, metric target)) adds the worst-case summary rows."""
     if not cells:
         return pd.DataFrame(columns=GROUP + ["n", "n_failed"])
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -132,11 +143,57 @@ def leaderboard_frame(cells: list[dict]) -> pd.DataFrame:
         row["code_rev"] = ";".join(sorted({c["provenance"].get("code_rev", "") for c in group}))
         rows.append(row)
     df = pd.DataFrame(rows)
+    if directions:
+        df = with_worst_case(df, attacker_choices(cells), directions)
     return df.drop(columns=[c for c in COST_COLS if df[c].isna().all()])  # e.g. GPU memory on a CPU run
 
 
-def write_leaderboard(cells: list[dict], out_dir: Path, suite: str) -> tuple[Path, Path]:
-    df = leaderboard_frame(cells)
+def _leaks(cell: dict) -> bool:
+    leak = cell["provenance"].get("config", {}).get("scenario", {}).get("leak", 0)
+    return leak not in (0, "0", None)
+
+
+def attacker_choices(cells: list[dict]) -> set[str]:
+    """Scenarios the attacker can pick with the published images alone (no leaked clean image): clean, bypass
+    transforms and purifications, the attacker's choice of base model or prompt."""
+    return {c["scenario"] for c in cells if not _leaks(c)}
+
+
+def with_worst_case(df: pd.DataFrame, scenarios: set[str], directions: dict[str, tuple[bool, str]]) -> pd.DataFrame:
+    """``df`` plus, after each dataset x defense, its worst-case row (see the module docstring)."""
+    summaries = []
+    for (ds, defense), group in df[df.scenario.isin(scenarios)].groupby(["dataset", "defense"], sort=False):
+        if len(group) < 2:
+            continue
+        row: dict = {"dataset": ds, "defense": defense, "scenario": WORST_SCENARIO, "attack": WORST_ATTACK,
+                     "n": int(group["n"].sum()), "n_failed": int(group["n_failed"].sum())}
+        for m in metric_columns(df):
+            higher, target = directions.get(m, (True, "protected"))
+            if target == "protected":  # the published images: the same in every row
+                pick = group.iloc[0]
+            else:
+                values = pd.to_numeric(group[m], errors="coerce")
+                if values.isna().all():
+                    row.update({m: math.nan, f"{m} n": 0, f"{m} note": f"no value in any of the {len(group)} rows"})
+                    continue
+                pick = group.loc[values.idxmin() if higher else values.idxmax()]  # the attacker's best
+                row[f"{m} worst_of"] = f"{pick.scenario} / {pick.attack}"
+            row.update({c: pick[c] for c in (m, *(f"{m}{x}" for x in HIDDEN_SUFFIXES[:6])) if c in pick.index})
+        row.update({c: group.iloc[0][c] for c in COST_COLS if c in group})
+        row["config_hash"] = stable_hash(sorted(group["config_hash"]))[:16]
+        row["code_rev"] = ";".join(sorted(set(";".join(group["code_rev"]).split(";")) - {""}))
+        summaries.append(row)
+    if not summaries:
+        return df
+    out = pd.concat([df, pd.DataFrame(summaries)], ignore_index=True)
+    order = sorted(range(len(out)), key=lambda i: (str(out.dataset[i]), str(out.defense[i]),
+                                                   out.scenario[i] == WORST_SCENARIO, i))
+    return out.iloc[order].reset_index(drop=True)
+
+
+def write_leaderboard(cells: list[dict], out_dir: Path, suite: str,
+                      directions: dict[str, tuple[bool, str]] | None = None) -> tuple[Path, Path]:
+    df = leaderboard_frame(cells, directions)
     csv_path = out_dir / "leaderboards" / f"{suite}.csv"
     md_path = out_dir / "leaderboards" / f"{suite}.md"
     atomic_write_text(csv_path, df.to_csv(index=False, float_format="%.6g"))
@@ -158,7 +215,7 @@ def formatted(df: pd.DataFrame) -> tuple[list[str], list[dict[str, tuple[str, fl
     A metric cell reads ``mean [95% interval]``, with ``ns`` where the paired difference from the ``none`` row is
     not significant and ``n/a (k)`` / ``inf (k)`` pointing at note k (why)."""
     metrics = set(metric_columns(df))
-    shown = [c for c in df.columns if not c.endswith(SUFFIXES[:6]) and c not in ("config_hash", "code_rev")]
+    shown = [c for c in df.columns if not c.endswith(HIDDEN_SUFFIXES) and c not in ("config_hash", "code_rev")]
     notes: dict[str, int] = {}
     rows = []
     for _, r in df.iterrows():
@@ -178,6 +235,8 @@ def formatted(df: pd.DataFrame) -> tuple[list[str], list[dict[str, tuple[str, fl
             text = _fmt(v) + ("" if math.isnan(lo) else f" [{_fmt(lo)}, {_fmt(hi)}]")
             if r.get(f"{c} sig_vs_none") == 0.0:
                 text += " ns"
+            if isinstance(r.get(f"{c} worst_of"), str):
+                text += f" by {r[f'{c} worst_of']}"
             out[c] = (text + mark, v)
         rows.append(out)
     return shown, rows, notes
@@ -186,7 +245,9 @@ def formatted(df: pd.DataFrame) -> tuple[list[str], list[dict[str, tuple[str, fl
 LEGEND = ("Mean over subjects and seeds, [95% bootstrap interval over subjects and seeds] (bench/stats.py); `ns`: "
           f"not significantly different from the `{BASELINE}` row of the same dataset, scenario and attack (paired "
           "bootstrap over the same subjects and seeds; `bench compare` gives the test in full). Higher/lower is better "
-          "per metric: see `bench list metrics`. Cost: the protect stage's wall time per published image and its peak "
+          "per metric: see `bench list metrics`. A `(worst case)` row: per metric the row of that defense best for "
+          "the attacker, over every scenario without leaked clean images and every attack (`by` names it; its interval "
+          "is that row's, and choosing the best row favours the attacker slightly). Cost: the protect stage's wall time per published image and its peak "
           "memory.")
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from bench.images import load_png, save_png
 from bench.leaderboard import BASELINE, LEGEND, formatted, leaderboard_frame, metric_columns
 from bench.registry import ConfigError
-from bench.results import MetricInfo, RunResults
+from bench.results import MetricInfo, RunResults, directions
 
 MARKER = ".bench-report"  # a folder holding it was written here and may be replaced
 THUMBS = 4  # images per grid row
@@ -383,7 +383,7 @@ def write_report(out: Path, to: Path | None = None, suite: str | None = None, pr
     body = []
     toc = []
     for i, ((s, p), cells) in enumerate(sorted(groups.items())):
-        df = leaderboard_frame(cells)
+        df = leaderboard_frame(cells, directions(info))
         anchor = f"s{i}"
         toc.append(f'<li><a href="#{anchor}">{esc(s)} ({esc(p)})</a></li>')
         body.append(f'<h2 id="{anchor}">{esc(s)} <span class="note">profile {esc(p)}, {len(cells)} cells</span></h2>'

@@ -80,19 +80,29 @@ class RunResults:
 
     def metric_info(self) -> dict[str, MetricInfo]:
         """Protocol id -> what it measures, from the measure stages' records and the metric registry."""
-        from bench.plugins import METRICS
-        from bench.registry import load_builtins
+        return metric_info_of(rec["params"] for rec in self.records.values() if rec.get("kind") == "measure")
 
-        load_builtins()
-        out: dict[str, MetricInfo] = {}
-        for rec in self.records.values():
-            if rec.get("kind") != "measure" or rec["params"]["protocol"] in out:
-                continue
-            name = rec["params"]["metric"]["name"]
-            try:
-                cls = METRICS.get(name)
-            except ConfigError:  # a plug-in no longer installed
-                continue
-            out[rec["params"]["protocol"]] = MetricInfo(rec["params"]["protocol"], name, cls.higher_is_better,
-                                                        cls.description, getattr(cls, "paper", ""), cls.target)
-        return out
+
+def metric_info_of(measure_params) -> dict[str, MetricInfo]:
+    """Protocol id -> MetricInfo for measure stages' parameters (metrics whose plug-in is gone are left out)."""
+    from bench.plugins import METRICS
+    from bench.registry import load_builtins
+
+    load_builtins()
+    out: dict[str, MetricInfo] = {}
+    for params in measure_params:
+        if params["protocol"] in out:
+            continue
+        name = params["metric"]["name"]
+        try:
+            cls = METRICS.get(name)
+        except ConfigError:  # a plug-in no longer installed
+            continue
+        out[params["protocol"]] = MetricInfo(params["protocol"], name, cls.higher_is_better, cls.description,
+                                             getattr(cls, "paper", ""), cls.target)
+    return out
+
+
+def directions(info: dict[str, MetricInfo]) -> dict[str, tuple[bool, str]]:
+    """Protocol id -> (higher is better for the defender, target): what the leaderboard's worst-case rows need."""
+    return {pid: (i.higher_is_better, i.target) for pid, i in info.items()}

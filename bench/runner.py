@@ -256,8 +256,10 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
     plan_ids = {c.cell_id for c in p.plan.cells}
     rows = [r for r in ledger.cells(p.suite.name, p.profile.name) if r["cell_id"] in plan_ids]
     from bench.leaderboard import write_leaderboard  # pandas: not for `bench validate`
+    from bench.results import directions, metric_info_of
 
-    csv_path, md_path = write_leaderboard(rows, out, p.suite.name)
+    info = metric_info_of(st.params for st in stages.values() if st.kind == "measure")
+    csv_path, md_path = write_leaderboard(rows, out, p.suite.name, directions(info))
     ledger.close()
     summary = {
         "suite": p.suite.name, "profile": p.profile.name, "device": device, "code_rev": code_revision(),

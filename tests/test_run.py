@@ -29,7 +29,14 @@ def test_smoke_suite_contract_and_cached_rerun(out_dir, tmp_path):
     assert s["stages_run"] > 0 and s["stages_cached"] >= 1  # the copied base model
     csv = out_dir / "leaderboards" / "smoke.csv"
     df = pd.read_csv(csv)
-    assert len(df) == 4  # defense x scenario x attack
+    assert len(df) == 6  # defense x scenario x attack, and a worst-case row per defense
+    worst = df[df.scenario == "(worst case)"].set_index("defense")
+    assert set(worst.index) == {"none", "random-noise"} and (worst.attack == "(attacker's best)").all()
+    sism = next(c for c in df.columns if c.startswith("subject-ism") and " " not in c)
+    for d in worst.index:  # subject-ism: higher = the attacker got the subject; the worst case takes the max
+        rows = df[(df.defense == d) & (df.scenario != "(worst case)")]
+        assert worst.loc[d, sism] == rows[sism].max()
+        assert worst.loc[d, f"{sism} worst_of"] == f"{rows.loc[rows[sism].idxmax(), 'scenario']} / dreambooth"
     for col in ["linf/255/protected-vs-clean", "brisque/pypi-brisque/native", "fdfr/dlib-hog-up1", "n", "config_hash", "code_rev"]:
         assert col in df.columns, col
     noise = df[df.defense == "random-noise"]

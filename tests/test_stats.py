@@ -154,3 +154,39 @@ def test_every_reference_table_names_our_protocol_ids_and_a_suite_that_reproduce
         assert cols <= ids, (table, cols - ids)
         for key in ("defense", "scenario", "attack"):
             assert set(ref[key]) <= labels, (table, key, set(ref[key]) - labels)
+
+
+def test_worst_case_row_is_the_attackers_best_row_and_names_it():
+    """Per defense and metric, the worst-case row holds the value of the row best for the attacker (min of a metric
+    higher-is-better for the defender, max of the other), its interval and its name; rows where the attacker got
+    leaked clean images are not choices; metrics of the published images are copied."""
+    rows = {("clean", "db"): (0.30, 0.8), ("jpeg", "db"): (0.55, 0.3), ("clean", "lora"): (0.20, 0.5),
+            ("jpeg", "lora"): (0.45, 0.9), ("leak-1", "db"): (0.90, 0.0)}
+    cells = []
+    for (scenario, attack), (ism, fdfr) in rows.items():
+        for i in range(4):
+            for d, shift in (("aspl", 0.0), ("none", 0.4)):
+                c = _cell(f"s{i}", d, {"ism": ism + shift + 0.01 * i, "fdfr": fdfr - shift / 2 + 0.01 * i,
+                                       "psnr": 35.0 + 0.1 * i})
+                c.update(scenario=scenario, attack=attack)
+                c["provenance"]["config"] = {"scenario": {"leak": 1 if scenario == "leak-1" else 0}}
+                cells.append(c)
+    directions = {"ism": (False, "generated"), "fdfr": (True, "generated"), "psnr": (True, "protected")}
+    plain = leaderboard_frame(cells)
+    df = leaderboard_frame(cells, directions)
+    assert len(df) == len(plain) + 2 and "(worst case)" not in set(plain.scenario)
+    for d in ("aspl", "none"):
+        mine = df[(df.defense == d) & (df.scenario != "(worst case)") & (df.scenario != "leak-1")]
+        worst = df[(df.defense == d) & (df.scenario == "(worst case)")].iloc[0]
+        assert worst.attack == "(attacker's best)" and worst.n == mine.n.sum()
+        best_ism = mine.loc[mine.ism.idxmax()]  # lower ISM is better for the defender: the attacker takes the max
+        assert worst.ism == best_ism.ism == mine.ism.max() and worst["ism worst_of"] == "jpeg / db"
+        assert worst["ism ci_low"] == best_ism["ism ci_low"] and worst["ism ci_high"] == best_ism["ism ci_high"]
+        assert worst.fdfr == mine.fdfr.min() and worst["fdfr worst_of"] == "jpeg / db"  # higher FDFR protects
+        assert worst.psnr == mine.psnr.iloc[0] and not isinstance(worst.get("psnr worst_of"), str)
+        assert worst.ism < df[(df.defense == d) & (df.scenario == "leak-1")].ism.iloc[0]  # the leak row is no choice
+    # the summary row follows its defense's rows; Markdown names the row it took
+    assert list(df.defense) == sorted(df.defense) and df.scenario.iloc[len(df) // 2 - 1] == "(worst case)"
+    md = render_markdown(df, "t")
+    line = next(l for l in md.splitlines() if "(worst case)" in l and "| aspl " in l)
+    assert "by jpeg / db" in line and "worst_of" not in md
