@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,7 @@ torch = lazy_import("torch")
 from bench import models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
+from bench.precision import precision_for
 from bench.profiles import PROXY_FINETUNE
 
 CLASS_IMAGE_SEED_OFFSET = 500_000  # class images never share initial noise with evaluation images (seed + 1000 i + j)
@@ -48,7 +48,7 @@ class DreamBoothParams:
     max_grad_norm: float = 1.0
     lr_scheduler: str = "constant"  # --lr_scheduler=constant
     lr_warmup_steps: int = 0  # --lr_warmup_steps=0
-    mixed_precision: Literal["no", "bf16"] = "bf16"  # --mixed_precision=bf16; CUDA only, fp32 on CPU (recorded)
+    mixed_precision: Literal["no", "bf16"] = "bf16"  # --mixed_precision=bf16; CUDA and bf16 CPUs (recorded)
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
@@ -128,12 +128,9 @@ def _peak_rss_mb() -> float:
 
 
 def _precision(requested: str, device: str) -> tuple[Any, str]:
-    """(autocast context, label). bf16 autocast on CUDA only; CPU trains in fp32 and records it."""
-    if requested == "bf16" and device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16), "bf16-autocast"
-    if requested == "bf16":
-        return nullcontext(), "fp32 (bf16 requested; not used on CPU)"
-    return nullcontext(), "fp32"
+    """(autocast context, label): bf16 autocast on CUDA, and on CPUs with bf16 instructions (bench/precision.py)."""
+    prec = precision_for(requested, device)
+    return prec.autocast(), prec.label
 
 
 def _check_images(images: list[Image], resolution: int, what: str) -> None:
@@ -237,7 +234,7 @@ def _load(model_dir: Path, ctx: RunContext, params: Any) -> models.SDComponents:
 
 # ----------------------------------------------------------------------------------------------- plug-ins
 
-@ATTACKS.register("dreambooth", version=1)
+@ATTACKS.register("dreambooth", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class DreamBooth(Attack):
     """Full fine-tuning of the UNet (+ text encoder) with prior preservation; saves the trained modules as
     safetensors (``unet/``, ``text_encoder/``) and ``train_log.json``."""
@@ -287,7 +284,7 @@ def _lora_config(p: LoraDreamBoothParams, targets: list[str]):
     return LoraConfig(r=p.rank, lora_alpha=p.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
 
 
-@ATTACKS.register("lora-dreambooth", version=1)
+@ATTACKS.register("lora-dreambooth", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class LoraDreamBooth(Attack):
     """DreamBooth with LoRA (peft) on the UNet attention projections (optionally the text encoder); base weights
     frozen; saves only the adapters (``unet_lora/``, ``text_encoder_lora/``, peft safetensors) + ``train_log.json``."""

@@ -22,7 +22,7 @@ Where this code departs from the reference scripts (same algorithm, documented, 
   ``max_grad_norm=0`` reproduces that;
 - aspl.py casts UNet, text encoder and VAE to bf16 and trains the bf16 weights (``mixed_precision="bf16-weights"``);
   with lr 5e-7 nearly every AdamW update is below bf16 resolution there, so the default is bf16 autocast over fp32
-  weights (CUDA only; CPU runs fp32 and records it);
+  weights (on CUDA, and on CPUs with bf16 instructions: bench/precision.py; the label is recorded);
 - the surrogate trains on all images in turn (paper) instead of only instance images 0, 1, 2
   (``quirk_first_three_images``), and at t = 0 the target term is the distance to the clean target latent z_tgt
   (paper) instead of reading ``alphas_cumprod[-1]`` (``quirk_t_minus_one_wraps``).
@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import importlib.util
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
@@ -46,6 +45,7 @@ F = lazy_import("torch.nn.functional")
 from bench import models as bench_models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
+from bench.precision import Precision, precision_for
 from bench.profiles import PROXY_CLASS_IMAGES, PROXY_FINETUNE
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, save_within_budget
@@ -80,7 +80,7 @@ class _Common:
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # 0 = no clipping (what aspl.py effectively does, see the module docstring)
-    mixed_precision: Literal["no", "bf16", "fp16", "bf16-weights"] = "bf16"  # CUDA only; fp32 on CPU (recorded)
+    mixed_precision: Literal["no", "bf16", "fp16", "bf16-weights"] = "bf16"  # autocast: CUDA, bf16 CPUs (bench/precision.py)
     gradient_checkpointing: bool = False
     pgd_batch_size: int = 0  # images per PGD forward/backward; 0 = all jointly (same result, less activation memory)
     target_image: str = ""  # targeted variants only: path; "" = built-in checkerboard (see builtin_target)
@@ -218,27 +218,10 @@ class LoopOptions:
 NAIVE = LoopOptions(surrogate_copy="deepcopy", cache_prompts=False, freeze_params_in_pgd=False)
 
 
-@dataclass
-class _Precision:
-    label: str
-    autocast: Callable[[], Any]
-    weights_dtype: torch.dtype
-    scaler: Any = None
-
-
-def _precision(requested: str, device: str) -> _Precision:
-    """bf16/fp16 autocast over fp32 weights, or bf16 weights (aspl.py), on CUDA; fp32 elsewhere (label says so)."""
-    if not device.startswith("cuda"):
-        label = "fp32" if requested == "no" else f"fp32 ({requested} requested; CUDA only)"
-        return _Precision(label, nullcontext, torch.float32)
-    if requested == "bf16":
-        return _Precision("bf16-autocast", lambda: torch.autocast("cuda", dtype=torch.bfloat16), torch.float32)
-    if requested == "fp16":
-        return _Precision("fp16-autocast+grad-scaler", lambda: torch.autocast("cuda", dtype=torch.float16),
-                          torch.float32, torch.amp.GradScaler("cuda"))
-    if requested == "bf16-weights":
-        return _Precision("bf16-weights", nullcontext, torch.bfloat16)
-    return _Precision("fp32", nullcontext, torch.float32)
+def _precision(requested: str, device: str) -> Precision:
+    """bf16/fp16 autocast over fp32 weights, or bf16 weights (aspl.py), on CUDA; bf16 on CPUs that have it
+    (bench/precision.py; the label says what was used)."""
+    return precision_for(requested, device)
 
 
 @dataclass
@@ -268,7 +251,7 @@ def _trainable(comps: bench_models.SDComponents, lora: bool, train_te: bool) -> 
     return params + (list(comps.text_encoder.parameters()) if train_te else [])
 
 
-def _load_model(role: str, model_dir: Path, ctx: RunContext, p: _Common, subject, prec: _Precision,
+def _load_model(role: str, model_dir: Path, ctx: RunContext, p: _Common, subject, prec: Precision,
                 lora: bool, device: str) -> _Model:
     """Components of ``model_dir`` on ``device``: VAE frozen; UNet (or its LoRA adapters) and, when trained, the text
     encoder trainable; LoRA initialised from ``ctx.seed`` (peft draws from the global RNG)."""
@@ -287,9 +270,9 @@ def _load_model(role: str, model_dir: Path, ctx: RunContext, p: _Common, subject
                                               target_modules=list(UNET_LORA_TARGETS)))
     else:
         comps.unet.requires_grad_(True)
-    if prec.weights_dtype != torch.float32:
+    if prec.dtype != torch.float32:
         for m in (comps.unet, comps.text_encoder, comps.vae):
-            m.to(dtype=prec.weights_dtype)
+            m.to(dtype=prec.dtype)
     if p.gradient_checkpointing:  # the VAE too: PGD back-propagates through its encoder to the pixels
         comps.unet.enable_gradient_checkpointing()
         comps.vae.enable_gradient_checkpointing()
@@ -399,7 +382,7 @@ def _optimizer(params: list[torch.nn.Parameter], p: _Common):
 class _Engine:
     """Training steps and PGD shared by every variant; ``trace`` records each step for tests and ``ctx.extra``."""
 
-    def __init__(self, p: _Common, ctx: RunContext, prec: _Precision, opts: LoopOptions, targeted: bool) -> None:
+    def __init__(self, p: _Common, ctx: RunContext, prec: Precision, opts: LoopOptions, targeted: bool) -> None:
         self.p, self.ctx, self.prec, self.opts, self.targeted = p, ctx, prec, opts, targeted
         self.gen = ctx.torch_generator(GEN_OFFSET)
         self.trace: list[tuple] = []
@@ -728,19 +711,19 @@ class _FSMGBase(_AntiDreamBooth):
         return out
 
 
-@DEFENSES.register("fsmg", version=1)
+@DEFENSES.register("fsmg", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class FSMG(_FSMGBase):
     """Fully-trained Surrogate Model Guidance: 100 PGD steps against a DreamBooth model trained on clean set_A."""
 
 
-@DEFENSES.register("t-fsmg", version=1)
+@DEFENSES.register("t-fsmg", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class TargetedFSMG(_FSMGBase):
     """FSMG with the target-shift term towards ``target_image`` (METHODS.md 1.2 targeted variant)."""
 
     targeted = True
 
 
-@DEFENSES.register("e-fsmg", version=1)
+@DEFENSES.register("e-fsmg", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class EnsembleFSMG(_FSMGBase):
     """E-FSMG: one reference model per role in ``models``; 60 rounds x 12 PGD steps per model from the shared X,
     X <- mean of the per-model results (``ensemble="images"``, the paper) or one step on the averaged gradient of all
@@ -827,20 +810,20 @@ class _ASPLBase(_AntiDreamBooth):
         return torch.stack(outs).mean(0)
 
 
-@DEFENSES.register("aspl", version=1)
+@DEFENSES.register("aspl", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class ASPL(_ASPLBase):
     """Alternating Surrogate and Perturbation Learning: 50 x [3 surrogate steps on clean set_A (from the persistent
     weights), 6 PGD steps on set_B, 3 persistent-model steps on the perturbed set_B]."""
 
 
-@DEFENSES.register("t-aspl", version=1)
+@DEFENSES.register("t-aspl", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class TargetedASPL(_ASPLBase):
     """ASPL with the target-shift term towards ``target_image``."""
 
     targeted = True
 
 
-@DEFENSES.register("e-aspl", version=1)
+@DEFENSES.register("e-aspl", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class EnsembleASPL(_ASPLBase):
     """E-ASPL: ASPL over the models in ``models``; ``ensemble="images"`` (paper: X <- mean_j X_j, each model's PGD
     from the shared X) or ``"gradients"`` (all surrogates in one PGD, gradients averaged before the sign)."""
@@ -851,7 +834,7 @@ class EnsembleASPL(_ASPLBase):
     profiles = {"tiny": {**_TINY_ASPL, **_ENSEMBLE_TINY, "rounds": 3}, "proxy": {**_PROXY, **_ENSEMBLE_TINY}}
 
 
-@DEFENSES.register("aspl-lora", version=1)
+@DEFENSES.register("aspl-lora", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class ASPLLoRA(_ASPLBase):
     """ASPL with a LoRA surrogate (rank 4 on the UNet attention projections; base weights and text encoder frozen,
     prompt embeddings cached): the 24 GB variant of aspl_lora.py, with its defaults (METHODS.md 1.6)."""

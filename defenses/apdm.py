@@ -65,7 +65,7 @@ class APDMParams:
     quirk_carry_personalization_grads: bool = False  # reference: grads of L_db are not zeroed before L_prot
     quirk_quoted_prompt: bool = False  # run.sh makes the prompts '"a_photo_of_sks_person"' (METHODS.md 2.3)
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast on CUDA only; fp32 on CPU (recorded)
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast on CUDA and bf16 CPUs (bench/precision.py; recorded)
 
     def validate(self) -> None:
         if self.outer_iterations < 1 or self.inner_iterations < 1:

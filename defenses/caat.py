@@ -46,7 +46,7 @@ class CAATParams:
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     instance_prompt: str = "a photo of a {class_noun}"  # "a photo of a person"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # CUDA autocast; fp32 on CPU
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast on CUDA and bf16 CPUs (bench/precision.py)
 
     def validate(self) -> None:
         if not 0 < self.eps <= 255 or not 0 < self.alpha <= 255:
@@ -87,7 +87,7 @@ def install_kv_processors(unet) -> list[torch.nn.Parameter]:
     return trainable
 
 
-@DEFENSES.register("caat", version=1)
+@DEFENSES.register("caat", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class CAAT(Defense):
     """CAAT: PGD on the denoising loss jointly with AdamW training of the cross-attention K/V projections only."""
 

@@ -68,7 +68,7 @@ class MistV2Params:
     class_steps: int = 50
     class_guidance: float = 7.5
     max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # CUDA autocast; fp32 on CPU
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast on CUDA and bf16 CPUs (bench/precision.py)
 
     def validate(self) -> None:
         if not 0 < self.eps <= 255 or not 0 < self.alpha <= 255:
@@ -81,7 +81,7 @@ class MistV2Params:
             raise ValueError("num_class_images must be >= 1 with prior preservation")
 
 
-@DEFENSES.register("mist-v2", version=1)
+@DEFENSES.register("mist-v2", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class MistV2(Defense):
     """Mist-v2 (lunet): PGD pulling the LoRA surrogate's noise prediction toward a target latent, gradient taken at
     the mean latent and pushed through the encoder, alternating with LoRA DreamBooth on the perturbed images."""

@@ -52,7 +52,7 @@ class PAPParams:
     identifier: str = "sks"
     instance_prompt: str = "a photo of {identifier} {class_noun}"  # "a photo of sks person"
     version: Literal["v2", "v1"] = "v2"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # the reference casts to bf16; CUDA autocast here
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # the reference casts to bf16; autocast here (bench/precision.py)
 
     def validate(self) -> None:
         if not 0 < self.eps <= 255 or not 0 < self.alpha <= 255:
@@ -86,7 +86,7 @@ def laplace_prompt(unet, zt: torch.Tensor, t: torch.Tensor, target: torch.Tensor
         return c + h_inv ** 2 * noise, h_inv
 
 
-@DEFENSES.register("pap", version=1)
+@DEFENSES.register("pap", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
 class PAP(Defense):
     """PAP v2: PGD on the denoising loss under a prompt embedding sampled at every step from the Laplace
     approximation around the loss-minimising embedding (NeurIPS 2024)."""

@@ -83,7 +83,7 @@ class PersGuardParams:
     class_sampler: str = "default"
     class_guidance: float = 7.5
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast on CUDA only; fp32 on CPU (recorded)
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast on CUDA and bf16 CPUs (bench/precision.py; recorded)
 
     def validate(self) -> None:
         if self.outer_iterations < 1 or self.retention_steps < 0 or self.train_batch_size < 1:

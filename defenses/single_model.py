@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -28,6 +28,7 @@ torch = lazy_import("torch")
 
 from bench.diffusion import LatentCache, denoising_loss, draw_timesteps_noise, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
+from bench.precision import precision_for
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, random_start, save_within_budget
 
@@ -74,15 +75,11 @@ def load_target(spec: str, resolution: int, param: str = "target_image") -> np.n
 # ----------------------------------------------------------------------------------------------- surrogate
 
 def autocast_for(requested: str, device: str) -> tuple[AbstractContextManager, str]:
-    """(autocast context, precision label). bf16/fp16 autocast on CUDA only; CPU computes in fp32 and says so."""
+    """(autocast context, precision label): bf16/fp16 autocast on CUDA, bf16 on CPUs that have it (bench/precision.py)."""
     if requested not in PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {list(PRECISIONS)}, got {requested!r}")
-    if requested == "no":
-        return nullcontext(), "fp32"
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if requested == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype), f"{requested}-autocast"
-    return nullcontext(), f"fp32 ({requested} requested; autocast is used on CUDA only)"
+    prec = precision_for(requested, device)
+    return prec.autocast(), prec.label
 
 
 @dataclass

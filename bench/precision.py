@@ -1,0 +1,67 @@
+"""Mixed precision for the training and PGD loops of defenses and attacks, on CUDA and on the CPU.
+
+``mixed_precision`` is a plug-in parameter ("no", "bf16", "fp16", and Anti-DreamBooth's "bf16-weights"); what a
+request becomes depends on the device, and the label saying so is recorded with the stage (the leaderboard row's
+provenance):
+- CUDA: bf16 or fp16 autocast over fp32 weights (fp16 with a gradient scaler), or bf16 weights.
+- CPU: bf16 autocast where the processor has bf16 instructions (AVX512-BF16 or AMX, detected by torch); fp32 where it
+  lacks them, and for fp16 (no fast fp16 matmul on CPUs). Weights stay fp32 under autocast, as on CUDA.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from bench.lazy import lazy_import
+
+torch = lazy_import("torch")
+
+PRECISIONS = ("no", "bf16", "fp16", "bf16-weights")
+
+
+def cpu_bf16_instructions() -> str:
+    """The processor's bf16 instruction set torch can use ("amx", "avx512_bf16"), or "" where it has none."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else ""
+
+
+@dataclass(frozen=True)
+class Precision:
+    label: str  # what was used, recorded with the stage
+    device_type: str  # "cuda" or "cpu"
+    autocast_dtype: Any = None  # None: no autocast
+    weights_dtype: Any = None  # None: fp32
+    scaler: Any = None  # fp16 on CUDA
+
+    def autocast(self):
+        """A fresh autocast context (or a null one)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    @property
+    def dtype(self):
+        return self.weights_dtype or torch.float32
+
+
+def precision_for(requested: str, device: str) -> Precision:
+    """What ``mixed_precision=requested`` means on ``device`` (see the module docstring)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {list(PRECISIONS)}, got {requested!r}")
+    if requested == "no":
+        return Precision("fp32", device.split(":")[0])
+    if device.startswith("cuda"):
+        if requested == "bf16":
+            return Precision("bf16-autocast", "cuda", torch.bfloat16)
+        if requested == "fp16":
+            return Precision("fp16-autocast+grad-scaler", "cuda", torch.float16, scaler=torch.amp.GradScaler("cuda"))
+        return Precision("bf16-weights", "cuda", weights_dtype=torch.bfloat16)
+    isa = cpu_bf16_instructions()
+    if requested == "fp16" or not isa:
+        why = "no fast fp16 on CPUs" if requested == "fp16" else "this CPU has no bf16 instructions (AVX512-BF16/AMX)"
+        return Precision(f"fp32 ({requested} requested; {why})", "cpu")
+    if requested == "bf16":
+        return Precision(f"bf16-autocast (cpu, {isa})", "cpu", torch.bfloat16)
+    return Precision(f"bf16-weights (cpu, {isa})", "cpu", weights_dtype=torch.bfloat16)
