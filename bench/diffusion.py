@@ -98,3 +98,15 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
     losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
     loss = losses.mean()
     return (loss, losses) if per_sample else loss
+
+
+def adamw(params, **kw):
+    """torch AdamW with the fused kernel where torch has it for the parameters' device (CPU, CUDA): one pass over all
+    parameters instead of a loop of small ops (benchmarks/step_profile.py: 0.31x the for-loop step on 27.7 M
+    parameters on one CPU thread); equal to torch's default implementation up to float rounding (1e-9 after a step).
+    ``kw`` as torch.optim.AdamW (lr, betas, weight_decay, eps)."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except RuntimeError:  # a device or dtype the fused kernel does not support
+        return torch.optim.AdamW(params, **kw)

@@ -43,7 +43,7 @@ torch = lazy_import("torch")
 F = lazy_import("torch.nn.functional")
 
 from bench import models as bench_models
-from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
+from bench.diffusion import LatentCache, adamw, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
 from bench.precision import Precision, precision_for
 from bench.profiles import PROXY_CLASS_IMAGES, PROXY_FINETUNE
@@ -374,7 +374,7 @@ def _optimizer(params: list[torch.nn.Parameter], p: _Common):
         except ImportError as e:
             raise RuntimeError(f"use_8bit_adam: cannot import bitsandbytes ({e}); pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+    return adamw(params, **kw)
 
 
 # ----------------------------------------------------------------------------------------------- the engine
@@ -711,19 +711,19 @@ class _FSMGBase(_AntiDreamBooth):
         return out
 
 
-@DEFENSES.register("fsmg", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("fsmg", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class FSMG(_FSMGBase):
     """Fully-trained Surrogate Model Guidance: 100 PGD steps against a DreamBooth model trained on clean set_A."""
 
 
-@DEFENSES.register("t-fsmg", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("t-fsmg", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class TargetedFSMG(_FSMGBase):
     """FSMG with the target-shift term towards ``target_image`` (METHODS.md 1.2 targeted variant)."""
 
     targeted = True
 
 
-@DEFENSES.register("e-fsmg", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("e-fsmg", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class EnsembleFSMG(_FSMGBase):
     """E-FSMG: one reference model per role in ``models``; 60 rounds x 12 PGD steps per model from the shared X,
     X <- mean of the per-model results (``ensemble="images"``, the paper) or one step on the averaged gradient of all
@@ -810,20 +810,20 @@ class _ASPLBase(_AntiDreamBooth):
         return torch.stack(outs).mean(0)
 
 
-@DEFENSES.register("aspl", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("aspl", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class ASPL(_ASPLBase):
     """Alternating Surrogate and Perturbation Learning: 50 x [3 surrogate steps on clean set_A (from the persistent
     weights), 6 PGD steps on set_B, 3 persistent-model steps on the perturbed set_B]."""
 
 
-@DEFENSES.register("t-aspl", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("t-aspl", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class TargetedASPL(_ASPLBase):
     """ASPL with the target-shift term towards ``target_image``."""
 
     targeted = True
 
 
-@DEFENSES.register("e-aspl", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("e-aspl", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class EnsembleASPL(_ASPLBase):
     """E-ASPL: ASPL over the models in ``models``; ``ensemble="images"`` (paper: X <- mean_j X_j, each model's PGD
     from the shared X) or ``"gradients"`` (all surrogates in one PGD, gradients averaged before the sign)."""
@@ -834,7 +834,7 @@ class EnsembleASPL(_ASPLBase):
     profiles = {"tiny": {**_TINY_ASPL, **_ENSEMBLE_TINY, "rounds": 3}, "proxy": {**_PROXY, **_ENSEMBLE_TINY}}
 
 
-@DEFENSES.register("aspl-lora", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("aspl-lora", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class ASPLLoRA(_ASPLBase):
     """ASPL with a LoRA surrogate (rank 4 on the UNet attention projections; base weights and text encoder frozen,
     prompt embeddings cached): the 24 GB variant of aspl_lora.py, with its defaults (METHODS.md 1.6)."""

@@ -278,7 +278,7 @@ def _fill(template: str, class_noun: str, quoted: bool) -> str:
     return quoted_prompt(prompt) if quoted else prompt
 
 
-@DEFENSES.register("apdm", version=1)
+@DEFENSES.register("apdm", version=2)  # 2: fused AdamW (bench/diffusion.py adamw), bf16 on CPUs
 class APDM(Defense):
     """APDM (DPO loss + L2P): writes a hardened diffusers model (safetensors; only the UNet changes) to ``out_dir``
     plus ``apdm_log.json``. The owner publishes clean photos; the model carries the protection."""

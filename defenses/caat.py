@@ -87,7 +87,7 @@ def install_kv_processors(unet) -> list[torch.nn.Parameter]:
     return trainable
 
 
-@DEFENSES.register("caat", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("caat", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class CAAT(Defense):
     """CAAT: PGD on the denoising loss jointly with AdamW training of the cross-attention K/V projections only."""
 

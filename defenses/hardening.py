@@ -20,6 +20,7 @@ F = lazy_import("torch.nn.functional")
 
 from attacks.dreambooth import _precision
 from bench import models
+from bench.diffusion import adamw
 from bench.plugins import RunContext
 
 
@@ -99,8 +100,8 @@ class Hardener:
             self.tmp.enable_gradient_checkpointing()
         self.theta_params = list(self.theta.parameters())
         self.tmp_params = list(self.tmp.parameters())
-        self.opt = torch.optim.AdamW(self.theta_params, **adam)
-        self.opt_tmp = torch.optim.AdamW(self.tmp_params, **tmp_adam)
+        self.opt = adamw(self.theta_params, **adam)
+        self.opt_tmp = adamw(self.tmp_params, **tmp_adam)
         self.autocast, self.precision = _precision(mixed_precision, device)
 
     def t(self, n: int) -> torch.Tensor:

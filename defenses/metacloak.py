@@ -103,7 +103,7 @@ def eot_transform(x: torch.Tensor, p: MetaCloakParams, gen: torch.Generator) -> 
     return (torch.flip(y, dims=[-1]) if flipped else y), sigma, flipped
 
 
-@DEFENSES.register("metacloak", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("metacloak", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class MetaCloak(_AntiDreamBooth):
     """MetaCloak: robust (EOT) PGD meta-learned over a pool of DreamBooth trajectory snapshots, each unrolled by a few
     training steps on the current perturbation (CVPR 2024)."""

@@ -31,7 +31,7 @@ torch = lazy_import("torch")
 F = lazy_import("torch.nn.functional")
 
 from bench import models as bench_models
-from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
+from bench.diffusion import LatentCache, adamw, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
 from bench.profiles import PROXY_CLASS_IMAGES, PROXY_FINETUNE
 from bench.registry import Requirements
@@ -81,7 +81,7 @@ class MistV2Params:
             raise ValueError("num_class_images must be >= 1 with prior preservation")
 
 
-@DEFENSES.register("mist-v2", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("mist-v2", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class MistV2(Defense):
     """Mist-v2 (lunet): PGD pulling the LoRA surrogate's noise prediction toward a target latent, gradient taken at
     the mean latent and pushed through the encoder, alternating with LoRA DreamBooth on the perturbed images."""
@@ -160,7 +160,7 @@ class MistV2(Defense):
         groups = [{"params": params_unet, "lr": p.learning_rate}]
         if params_te:
             groups.append({"params": params_te, "lr": p.learning_rate_text})
-        opt = torch.optim.AdamW(groups, lr=p.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        opt = adamw(groups, lr=p.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         data = LatentCache(c.vae, x.detach())
         trainable = params_unet + params_te
         for q in trainable:

@@ -86,7 +86,7 @@ def laplace_prompt(unet, zt: torch.Tensor, t: torch.Tensor, target: torch.Tensor
         return c + h_inv ** 2 * noise, h_inv
 
 
-@DEFENSES.register("pap", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("pap", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py)
 class PAP(Defense):
     """PAP v2: PGD on the denoising loss under a prompt embedding sampled at every step from the Laplace
     approximation around the loss-minimising embedding (NeurIPS 2024)."""

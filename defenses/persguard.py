@@ -216,7 +216,7 @@ def _fill(template: str, identifier: str, class_noun: str) -> str:
     return template.format(identifier=identifier, class_noun=class_noun)
 
 
-@DEFENSES.register("persguard", version=1)
+@DEFENSES.register("persguard", version=2)  # 2: fused AdamW (bench/diffusion.py adamw), bf16 on CPUs
 class PersGuard(Defense):
     """PersGuard: writes the backdoored model (safetensors; only the UNet changes) to ``out_dir``, with the backdoor
     targets under ``persguard/targets/<subject id>/`` (read by the ``backdoor-success`` metric) and

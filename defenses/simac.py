@@ -161,7 +161,7 @@ class _SimACEngine(_Engine):
         return feat if p.feature_grad else feat.detach()
 
 
-@DEFENSES.register("simac", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@DEFENSES.register("simac", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class SimAC(_ASPLBase):
     """SimAC: per-image adaptive timestep selection, then ASPL restricted to each image's selected timesteps with the
     decoder-feature interference loss (CVPR 2024; METHODS.md 5.6)."""
