@@ -119,6 +119,18 @@ class ModelPromptMismatch(Scenario):
                             instance_prompt=self.params.instance_prompt or "<mismatch>")
 
 
+TransformChain = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+
+
+def split_at_model_transform(chain: TransformChain) -> tuple[TransformChain, TransformChain]:
+    """(transforms before the first model transform, the rest): ``compose`` applies the first part, the ``purify``
+    stage the rest (so "JPEG then upscaling" works, and leaked clean images are purified too)."""
+    for i, (name, params) in enumerate(chain):
+        if TRANSFORMS.create(name, dict(params)).model_roles():
+            return chain[:i], chain[i:]
+    return chain, ()
+
+
 def leak_count(leak: int | str, n: int) -> int:
     k = {"N": n, "N-1": max(n - 1, 0)}.get(leak, leak) if isinstance(leak, str) else leak
     if k > n:
@@ -139,5 +151,8 @@ def compose_training_set(protected: list[Image], clean_b: list[Image], clean_c: 
             images[pos], origin[pos] = clean_b[pos], f"clean_B[{pos}]"
     for name, params in spec.transforms:
         transform = TRANSFORMS.create(name, dict(params))
+        if transform.model_roles():
+            raise ValueError(f"transform {name!r} needs models {transform.model_roles()}: it runs in the purify stage "
+                             f"(split the chain with split_at_model_transform)")
         images = [transform.apply(img, rng) for img in images]
     return images, origin
