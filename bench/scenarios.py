@@ -4,7 +4,8 @@
 - ``clean``: the protected set_B as published.
 - ``leak``: k of the N training images are replaced by clean images (MetaCloak's ``--poison_rate``, the
   uncontrolled setting of Anti-DreamBooth); k may be an integer, "N-1" or "N".
-- ``transform``: attacker-side bypass transforms applied in order to every training image.
+- ``transform``: attacker-side bypass transforms applied in order to every training image; from the first one that
+  needs a model (a purifier, attacks/purification.py) on, the chain runs in the cached ``purify`` stage.
 - ``model-mismatch``: the attacker fine-tunes the profile's ``mismatch`` base model, not the defense's.
 - ``prompt-mismatch``: the attacker trains with another identifier and/or prompt than the defense assumed.
 - ``model-prompt-mismatch``: both at once (GenWatermark's "unknown models and text prompts", arXiv 2306.07754).
@@ -80,6 +81,11 @@ class TransformScenario(Scenario):
     def spec(self) -> ScenarioSpec:
         return ScenarioSpec(transforms=tuple(normalise_transform(t, f"transforms[{i}]")
                                              for i, t in enumerate(self.params.transforms)))
+
+    def weight_names(self) -> tuple[str, ...]:
+        """The weights its transforms need (IMPRESS's LPIPS backbone), so a suite missing them is refused up front."""
+        return tuple(w for name, params in self.spec().transforms
+                     for w in TRANSFORMS.create(name, dict(params)).weight_names())
 
 
 @SCENARIOS.register("model-mismatch")
