@@ -98,8 +98,8 @@ class DiffPure(Transform):
     reverse to 0, resize back; t = 0 returns the input. Model role ``diffpure``: a diffusers ``UNet2DModel`` +
     ``DDPMScheduler`` folder or id. The reference model, guided-diffusion's ImageNet 256x256 unconditional UNet, is an
     OpenAI ``.pt`` pickle with no diffusers class; the paper profile uses ``google/ddpm-ema-celebahq-256`` (DDPM on
-    CelebA-HQ faces, the same linear betas, fixed-small variance instead of ADM's learned one; its Hub weights are a
-    pickled ``.bin``: convert them to safetensors or pass ``--allow-unsafe-weights``). A 6-channel (learned-sigma)
+    CelebA-HQ faces, the same linear betas, fixed-small variance instead of ADM's learned one; the Hub listing shows
+    pickled weights only: convert them to safetensors, or pass ``--allow-unsafe-weights``). A 6-channel (learned-sigma)
     diffusers conversion of the ADM model with a ``DDPMScheduler`` of ``variance_type: learned_range`` would be closer."""
 
     Params = DiffPureParams
@@ -338,7 +338,8 @@ class Impress(Transform):
     data usage in diffusion-based generative AI", NeurIPS'23; ``AAAAAAsuka/Impress`` ``impress.py`` + README): make
     the image consistent under the attacker's SD VAE while staying within LPIPS-VGG 0.1 of the protected image, Adam
     lr 0.01 (cosine to 1e-5), 3000 iterations, alpha 0.1, initial noise 0.1 (``impress_optimise``). Model role
-    ``default``: the attacker's base model (its VAE). Differences: images are optimised in [-1, 1] (the VAE's and
+    ``default``: the profile's default base model (its VAE; after a harden defense the attacker fine-tunes the hardened
+    model, whose VAE such defenses leave unchanged). Differences: images are optimised in [-1, 1] (the VAE's and
     lpips' input space; the reference's default clamp range is [0, 1]) in float32 (the reference uses half);
     ``similarity: none`` drops the LPIPS term where the VGG weights are absent (tiny/proxy suites say so)."""
 
