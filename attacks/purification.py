@@ -238,6 +238,10 @@ class NoisyUpscaleParams:
             raise ValueError(f"noise_level must be in [0, 350] (the upscaler's max_noise_level), got {self.noise_level}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        try:
+            self.prompt.format(class_noun="toy")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"prompt {self.prompt!r}: the only placeholder is {{class_noun}} ({e!r})") from None
 
 
 @TRANSFORMS.register("noisy-upscale", version=1)

@@ -173,7 +173,7 @@ def test_purify_stage_runs_once_for_both_attacks_and_never_again(out_dir, tmp_pa
 
 def test_purifier_parameters_are_validated():
     for name, bad in (("diffpure", {"t": 1001}), ("gridpure", {"gamma": 1.5}), ("noisy-upscale", {"noise_level": 400}),
-                      ("impress", {"similarity": "ssim"})):
+                      ("impress", {"similarity": "ssim"}), ("noisy-upscale", {"prompt": "a {subject}"})):
         with pytest.raises(ConfigError):
             TRANSFORMS.create(name, bad)
 
