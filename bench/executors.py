@@ -135,7 +135,7 @@ class LocalExecutor(Executor):
     """This machine. ``--jobs 1``: one stage at a time in the driver. Otherwise worker processes, each pinned to its
     share: on a CPU run one per core (``--jobs N``: N, cores/N torch threads each); on a CUDA run one per visible GPU
     (``CUDA_VISIBLE_DEVICES``; ``--jobs N``: N spread over the GPUs) for model stages, plus CPU workers for
-    ``compose``. A worker that dies fails its attempt (retried) and is restarted."""
+    ``compose`` (``purify`` loads models: GPU workers). A worker that dies fails its attempt (retried) and is restarted."""
 
     Params = LocalParams
 
@@ -255,7 +255,7 @@ class SlurmClass:
     group: int = 1  # stages per job (small CPU stages: compose, measure)
 
 
-STAGE_KINDS = ("model", "protect", "compose", "class_images", "attack", "generate", "sample", "measure")
+STAGE_KINDS = ("model", "protect", "compose", "purify", "class_images", "attack", "generate", "sample", "measure")
 
 
 def load_cluster_profile(path: Path, base: SlurmClass) -> dict[str, SlurmClass]:

@@ -8,6 +8,9 @@ Model references are strings (MODELS.md: ids are configuration, never constants 
 - ``proxy:a`` / ``proxy:b``: text-conditioned 32 px variants (KL-f4 VAE) pre-trained on attribute captions of
   synthetic subjects, so that personalisation and protection are measurable on a CPU (``PROXY_VARIANTS``).
   Built by :func:`prepare_builtin`, like every ``family:variant`` reference.
+- ``tiny:ddpm`` / ``proxy:ddpm`` and ``tiny:upscaler`` / ``proxy:upscaler``: small purifier models of the classes
+  DiffPure/GrIDPure (``UNet2DModel`` + ``DDPMScheduler``) and noisy upscaling (``StableDiffusionUpscalePipeline``)
+  load at paper scale, pre-trained for seconds on the same synthetic images (:func:`prepare_purifier`).
 - a Hugging Face id (``owner/name``): the local HF cache snapshot, never downloaded at run time unless
   ``BENCH_ALLOW_DOWNLOAD=1``.
 - a local folder in diffusers layout.
@@ -159,6 +162,8 @@ def tiny_variant(ref: str) -> str | None:
         return None
     name = ref.split(":", 1)[1]
     variants = MODEL_FAMILIES[family]
+    if name in PURIFIER_VARIANTS:
+        return name
     if name not in variants:
         raise ModelUnavailable(f"unknown {family} model {ref!r}; known: {', '.join(f'{family}:' + k for k in variants)}")
     return name
@@ -331,7 +336,11 @@ def prepare_builtin(ref: str, out_dir: Path, pretrain: dict, seed: int, resoluti
     family = builtin_family(ref)
     if family is None:
         raise ModelUnavailable(f"{ref!r} is not a built-in model; known families: {', '.join(MODEL_FAMILIES)}")
-    prepare_tiny(tiny_variant(ref), out_dir, pretrain, seed, resolution, family)
+    variant = tiny_variant(ref)
+    if variant in PURIFIER_VARIANTS:  # the SD-shaped models' ``pretrain`` does not apply: see PURIFIER_PRETRAIN
+        prepare_purifier(variant, out_dir, seed, resolution)
+        return
+    prepare_tiny(variant, out_dir, pretrain, seed, resolution, family)
 
 
 def prepare_tiny(variant: str, out_dir: Path, pretrain: dict, seed: int, resolution: int = 64,
@@ -373,6 +382,160 @@ def prepare_tiny(variant: str, out_dir: Path, pretrain: dict, seed: int, resolut
     for f in (out_dir / "_tokenizer_src").iterdir():
         f.unlink()
     (out_dir / "_tokenizer_src").rmdir()
+    (out_dir / "pretrain_log.json").write_text(json.dumps(log, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- purifier models
+
+PURIFIER_VARIANTS = ("ddpm", "upscaler")
+# Pre-training of the built-in purifiers (AdamW steps on the synthetic pre-training images), seconds on one core: the
+# DDPM learns to denoise synthetic subjects, the upscaler to output an upscaled image rather than noise. The DDPM works
+# at half the profile's resolution (DiffPure resizes to its model's size, as the reference resizes 512 px to its 256
+# px model); both are fully convolutional (plus attention), so the upscaler is pre-trained on (res/4 -> res) pairs and
+# used on (res -> 4 res).
+PURIFIER_PRETRAIN: dict[str, dict[str, Any]] = {
+    "ddpm": {"steps": 150, "batch_size": 8, "lr": 2e-3},
+    "upscaler": {"vae_steps": 60, "unet_steps": 100, "batch_size": 8, "lr": 2e-3},
+}
+UPSCALER_NOISE_LEVELS = 350  # StableDiffusionUpscalePipeline's max_noise_level (noise_level 320 is the reference's)
+
+
+def ddpm_scheduler():
+    """DDPM's (and guided-diffusion's) linear schedule: betas 1e-4..0.02 over 1000 steps, epsilon prediction,
+    fixed-small posterior variance, x0 clipped to [-1, 1] when sampling."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                         prediction_type="epsilon", variance_type="fixed_small", clip_sample=True)
+
+
+def _adamw_steps(params, steps: int, lr: float, loss_fn) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    with torch.set_grad_enabled(True):
+        for _ in range(steps):
+            loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def _prepare_ddpm(out_dir: Path, seed: int, resolution: int, p: dict[str, Any]) -> dict[str, Any]:
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    torch.manual_seed(seed)
+    size = resolution // 2
+    unet = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       attention_head_dim=8)
+    sched = ddpm_scheduler()
+    x, _ = _pretrain_images({"num_subjects": 48, "images_per_subject": 4}, size)
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    bs = int(p["batch_size"])
+
+    def loss() -> torch.Tensor:
+        batch = x[torch.randint(0, len(x), (bs,), generator=gen)]
+        t = torch.randint(0, 1000, (bs,), generator=gen)
+        noise = torch.randn(batch.shape, generator=gen)
+        return torch.nn.functional.mse_loss(unet(sched.add_noise(batch, noise, t), t).sample, noise)
+
+    unet.train()
+    losses = _adamw_steps(unet.parameters(), int(p["steps"]), float(p["lr"]), loss)
+    unet.eval()
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(out_dir, safe_serialization=True)
+    return {"losses": losses}
+
+
+def _prepare_upscaler(out_dir: Path, seed: int, resolution: int, p: dict[str, Any]) -> dict[str, Any]:
+    """A 4x ``StableDiffusionUpscalePipeline``: KL-f4 VAE (as SD x4's, latent scale 0.08333) pre-trained as an
+    autoencoder, then the 7-channel UNet (noisy latents + the noise-augmented low-res image, noise level as class
+    label) on denoising, both on (resolution/4 -> resolution) pairs."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer(out_dir / "_tokenizer_src")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        hidden_act="quick_gelu"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=16, sample_size=4 * resolution, scaling_factor=0.08333)
+    unet = UNet2DConditionModel(sample_size=resolution, in_channels=7, out_channels=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+                                num_class_embeds=1000)
+    low_res = ddpm_scheduler()
+    low_res.register_to_config(clip_sample=False)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="scaled_linear",
+                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    hi, _ = _pretrain_images({"num_subjects": 24, "images_per_subject": 2}, resolution)
+    lo = torch.nn.functional.interpolate(hi, size=(resolution // 4,) * 2, mode="bicubic", antialias=True).clamp(-1, 1)
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    bs = int(p["batch_size"])
+    log: dict[str, Any] = {}
+
+    def vae_loss() -> torch.Tensor:
+        batch = hi[torch.randint(0, len(hi), (bs,), generator=gen)]
+        post = vae.encode(batch).latent_dist
+        return torch.nn.functional.mse_loss(vae.decode(post.sample(generator=gen)).sample, batch) + 1e-6 * post.kl().mean()
+
+    vae.train()
+    log["vae_losses"] = _adamw_steps(vae.parameters(), int(p["vae_steps"]), float(p["lr"]), vae_loss)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = vae.encode(hi).latent_dist.mean * vae.config.scaling_factor
+        empty = encode_prompt_ids(tokenizer, text_encoder, [""]).detach()
+
+    def unet_loss() -> torch.Tensor:
+        idx = torch.randint(0, len(hi), (bs,), generator=gen)
+        level = torch.randint(0, UPSCALER_NOISE_LEVELS + 1, (bs,), generator=gen)
+        cond = low_res.add_noise(lo[idx], torch.randn(lo[idx].shape, generator=gen), level)
+        t = torch.randint(0, 1000, (bs,), generator=gen)
+        noise = torch.randn(latents[idx].shape, generator=gen)
+        inp = torch.cat([sched.add_noise(latents[idx], noise, t), cond], dim=1)
+        pred = unet(inp, t, empty.expand(bs, -1, -1), class_labels=level).sample
+        return torch.nn.functional.mse_loss(pred, noise)
+
+    unet.train()
+    log["unet_losses"] = _adamw_steps(unet.parameters(), int(p["unet_steps"]), float(p["lr"]), unet_loss)
+    unet.eval()
+    vae.requires_grad_(True)
+    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          low_res_scheduler=low_res, scheduler=sched, max_noise_level=UPSCALER_NOISE_LEVELS)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for f in (out_dir / "_tokenizer_src").iterdir():
+        f.unlink()
+    (out_dir / "_tokenizer_src").rmdir()
+    return log
+
+
+def encode_prompt_ids(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def prepare_purifier(variant: str, out_dir: Path, seed: int, resolution: int,
+                     pretrain: dict[str, Any] | None = None) -> None:
+    """Build built-in purifier ``variant`` ("ddpm": ``UNet2DModel`` + ``DDPMScheduler`` at ``resolution`` px;
+    "upscaler": a 4x ``StableDiffusionUpscalePipeline`` for ``resolution`` px inputs) with seeded random weights,
+    pre-train it for seconds (``PURIFIER_PRETRAIN``, or ``pretrain`` overrides) and save it as a diffusers folder
+    (safetensors) in ``out_dir``. Same arguments -> same weight bytes (CPU)."""
+    if variant not in PURIFIER_VARIANTS:
+        raise ModelUnavailable(f"unknown purifier model {variant!r}; known: {', '.join(PURIFIER_VARIANTS)}")
+    p = {**PURIFIER_PRETRAIN[variant], **(pretrain or {})}
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    build = _prepare_ddpm if variant == "ddpm" else _prepare_upscaler
+    log = build(out_dir, seed, resolution, p)
+    log.update(variant=variant, seed=seed, resolution=resolution, pretrain=p, wall_s=round(time.perf_counter() - start, 1))
     (out_dir / "pretrain_log.json").write_text(json.dumps(log, indent=1))
 
 

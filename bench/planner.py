@@ -3,7 +3,10 @@
 Stage kinds, in data-flow order:
   model        base model (tiny: built and pre-trained; real: resolved and hashed)
   protect      defense applied to a subject's set_B (perturb/watermark: images; harden: a model)
-  compose      scenario applied to the protected set -> attacker's training set
+  compose      scenario applied to the protected set -> attacker's training set (transforms up to the first one
+               that needs a model)
+  purify       the rest of the scenario's transform chain, from its first model transform (DiffPure, noisy
+               upscaling, IMPRESS: attacks/purification.py), on the composed set; only for such scenarios
   class_images prior-preservation images, per base model + class prompt
   attack       fine-tuning -> personalised weights
   generate     personalised model + evaluation prompts -> images
@@ -15,20 +18,22 @@ stage whatever number of cells share it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.plugins import DEFENSES, ScenarioSpec
+from bench.plugins import DEFENSES, TRANSFORMS, ScenarioSpec
 from bench.profiles import Profile
 from bench.registry import ConfigError
+from bench.scenarios import split_at_model_transform
 from bench.store import stable_hash
 from bench.suites import Entry, Suite
 
 BUILT_MODEL_FAMILIES = ("tiny", "proxy")  # bench.models.MODEL_FAMILIES (not imported here: it imports torch)
 
 # Bump a kind's version when its runner's output changes.
-STAGE_VERSIONS = {"model": 1, "protect": 1, "compose": 1, "class_images": 1, "attack": 1, "generate": 1, "sample": 1,
-                  "measure": 2}  # measure 2: value.json says why a value is NaN or inf ("reason")
+STAGE_VERSIONS = {"model": 1, "protect": 1, "compose": 1, "purify": 1, "class_images": 1, "attack": 1, "generate": 1,
+                  "sample": 1, "measure": 2}  # measure 2: value.json says why a value is NaN or inf ("reason")
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,12 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
 
     def attack_chain(protect: str, dkind: str, spec: ScenarioSpec, attack: Entry, subject, subj: dict, seed: int,
                      label: str) -> dict[str, Any]:
-        """compose -> (class images) -> attack -> generate for one protected set, scenario and attack."""
-        compose = b.add("compose", {"scenario": _scenario_dict(spec), "subject": subj, "seed": seed,
-                                    "resolution": profile.resolution}, (protect,), f"compose {label}")
+        """compose -> (purify) -> (class images) -> attack -> generate for one protected set, scenario and attack."""
+        before, purified = split_at_model_transform(spec.transforms)
+        compose = b.add("compose", {"scenario": _scenario_dict(dataclasses.replace(spec, transforms=before)),
+                                    "subject": subj, "seed": seed, "resolution": profile.resolution}, (protect,),
+                        f"compose {label}")
+        training_set = purify_stage(compose, purified, subject, seed, label) if purified else compose
         role = "mismatch" if spec.attacker_model == "mismatch" else "default"
         # A harden defense's output model is the attacker's base model when the attacker uses the model the
         # defense hardened (not under model mismatch).
@@ -150,7 +158,7 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
         use_subject = gen.use_subject_prompts and subject.eval_prompts
         eval_prompts = [_fill(t, identifier, subject.class_noun) for t in (subject.eval_prompts if use_subject else gen.prompts)]
         n_class = attack.create().class_images_needed()
-        attack_deps = [attacker_model, compose]
+        attack_deps = [attacker_model, training_set]
         if n_class:
             attack_deps.append(b.add("class_images", {
                 "prompt": class_prompt, "n": n_class, "sampler": profile.class_sampler, "steps": profile.class_steps,
@@ -163,9 +171,18 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
                                        "guidance": gen.guidance, "n_per_prompt": gen.n_per_prompt, "seed": seed,
                                        "resolution": profile.resolution, "attack": plugin_spec(attack)},
                           (attacker_model, trained), f"generate {attack.label} {label}")
-        return {"stages": {compose, trained, generated, *attack_deps}, "generated": generated,
+        return {"stages": {compose, trained, generated, *attack_deps, *b.stages[training_set].deps},
+                "generated": generated,
                 "attacker_model": attacker_model, "instance_prompt": instance_prompt, "eval_prompts": eval_prompts,
                 "prompt_templates": dict(zip(eval_prompts, subject.eval_prompts if use_subject else gen.prompts))}
+
+    def purify_stage(compose: str, chain, subject, seed: int, label: str) -> str:
+        """The attacker's purification of a composed set: ``chain`` from its first model transform on, computed once
+        per (composed set, chain, seed, resolution, purifier models) however many attacks and cells train on it."""
+        roles = list(dict.fromkeys(r for name, params in chain for r in TRANSFORMS.create(name, dict(params)).model_roles()))
+        params = {"transforms": [list(t) for t in chain], "model_roles": roles, "class_noun": subject.class_noun,
+                  "seed": seed, "resolution": profile.resolution}
+        return b.add("purify", params, (compose, *(model_stage(r) for r in roles)), f"purify {label}")
 
     baseline_spec = {"name": "none", "version": DEFENSES.get("none").version, "params": {}}
     for dataset in suite.datasets:

@@ -84,9 +84,23 @@ class Defense(Plugin):
 
 
 class Transform(Plugin):
-    """Attacker-side image -> image bypass, applied before fine-tuning."""
+    """Attacker-side image -> image bypass, applied before fine-tuning. A transform without models (``apply``) runs
+    in the ``compose`` stage; one that declares ``model_roles`` (a purifier: DiffPure, noisy upscaling, IMPRESS) runs
+    with the rest of its scenario's chain in the cached ``purify`` stage (``purify``), on the device like other
+    model stages."""
 
     def apply(self, image: Image, rng: np.random.Generator) -> Image:
+        raise NotImplementedError
+
+    def model_roles(self) -> tuple[str, ...]:
+        """Models this transform needs: profile roles (keys of ``Profile.models``, e.g. "diffpure", "upscaler",
+        "default": the attacker's base model) or model references. Empty: an ordinary transform."""
+        return ()
+
+    def purify(self, ctx: RunContext, images: list[Image], class_noun: str) -> list[Image]:
+        """A model transform: the attacker's training set -> the purified set (same count and shapes, uint8).
+        ``ctx.models`` maps this transform's roles to diffusers folders; random draws come from ``ctx.rng()`` /
+        ``ctx.torch_generator()``; ``class_noun`` is the subject's class (for prompts)."""
         raise NotImplementedError
 
 

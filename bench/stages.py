@@ -21,7 +21,7 @@ import numpy as np
 from bench.datasets import DataError
 from bench.images import ImageError, load_png, save_png
 from bench.planner import Stage
-from bench.plugins import ATTACKS, DATASETS, DEFENSES, METRICS, Image, MetricInputs, RunContext, ScenarioSpec
+from bench.plugins import ATTACKS, DATASETS, DEFENSES, METRICS, TRANSFORMS, Image, MetricInputs, RunContext, ScenarioSpec
 from bench.registry import build_params
 from bench.scenarios import compose_training_set
 from bench.store import ArtifactStore
@@ -166,6 +166,35 @@ def run_compose(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     ctx.extra["training_set"] = origin
 
 
+def run_purify(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
+    """The attacker's purification (attacks/purification.py) of a composed training set: the scenario's transform
+    chain from its first model transform on, model transforms through ``purify`` (their roles in ``ctx.models``),
+    the others through ``apply``."""
+    p = stage.params
+    images = load_images(env.store.path("compose", env.dep(stage, "compose").key) / "images")
+    models = {role: model_dir_of(env.store, env.stages[k]) for role, k in zip(p["model_roles"], stage.deps[1:])}
+    rng = ctx.rng()
+    for name, params in p["transforms"]:
+        transform = TRANSFORMS.create(name, {k: v for k, v in params}, where=f"purify transform {name}")
+        roles = transform.model_roles()
+        if roles:
+            ctx.models = {r: models[r] for r in roles}
+            out = transform.purify(ctx, images, p["class_noun"])
+        else:
+            out = [transform.apply(img, rng) for img in images]
+        if len(out) != len(images) or any(o.dtype != np.uint8 or o.shape != i.shape for o, i in zip(out, images)):
+            raise RuntimeError(f"transform {name} returned {[(o.dtype, o.shape) for o in out]} for "
+                               f"{len(images)} uint8 images of shape {images[0].shape}")
+        images = out
+    save_images(images, ctx.work_dir / "images")
+
+
+def training_images(env: StageEnv, stage: Stage) -> list[Image]:
+    """An attack's training set: its ``purify`` input where the scenario purifies, else its ``compose`` input."""
+    kind = "purify" if any(env.stages[k].kind == "purify" for k in stage.deps) else "compose"
+    return load_images(env.store.path(kind, env.dep(stage, kind).key) / "images")
+
+
 def run_class_images(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     from attacks.dreambooth import generate_class_images
 
@@ -177,8 +206,7 @@ def run_class_images(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
 def run_attack(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     p = stage.params
     attack = _plugin(ATTACKS, p["attack"])
-    compose = env.dep(stage, "compose")
-    images = load_images(env.store.path("compose", compose.key) / "images")
+    images = training_images(env, stage)
     class_images: list[Image] = []
     if any(env.stages[k].kind == "class_images" for k in stage.deps):
         class_images = load_images(env.store.path("class_images", env.dep(stage, "class_images").key) / "images")
@@ -251,7 +279,7 @@ def run_measure(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
 
 
 RUNNERS: dict[str, Callable[[Stage, StageEnv, RunContext], None]] = {
-    "model": run_model, "protect": run_protect, "compose": run_compose, "class_images": run_class_images,
+    "model": run_model, "protect": run_protect, "compose": run_compose, "purify": run_purify, "class_images": run_class_images,
     "attack": run_attack, "generate": run_generate, "sample": run_sample, "measure": run_measure,
 }
 

@@ -24,7 +24,7 @@ def plan_numbers(suite: str, profile: str) -> None:
     naive = Counter(plan.stages[k].kind for c in plan.cells for k in c.stages)
     print(f"suite {suite}, profile {profile}: {len(plan.cells)} cells")
     print(f"{'stage kind':<14}{'unique':>8}{'naive':>8}")
-    for kind in ["model", "protect", "compose", "class_images", "attack", "generate", "measure"]:
+    for kind in ["model", "protect", "compose", "purify", "class_images", "attack", "generate", "measure"]:
         print(f"{kind:<14}{unique[kind]:>8}{naive[kind]:>8}")
     total_u, total_n = sum(unique.values()), sum(naive.values())
     print(f"{'total':<14}{total_u:>8}{total_n:>8}   naive/unique = {total_n / total_u:.2f}x")
