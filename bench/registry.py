@@ -265,6 +265,8 @@ _BUILTIN_MODULES = (
     "defenses.external",
     "attacks.transforms",
     "attacks.dreambooth",
+    "attacks.textual_inversion",
+    "attacks.custom_diffusion",
     "metrics.imperceptibility",
     "metrics.backdoor",
     "metrics.quality",
