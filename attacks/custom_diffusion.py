@@ -39,11 +39,13 @@ import numpy as np
 from bench.lazy import lazy_import
 torch = lazy_import("torch")
 
-from attacks.dreambooth import _Batches, _check_images, _jsonable, _peak_rss_mb, _precision, _write_log, fit
+from attacks.dreambooth import (_Batches, _jsonable, _peak_rss_mb, _precision, _write_log, check_training_images,
+                                fit)
 from attacks.textual_inversion import EMBEDS_FILE, NewToken, effective_lr, load_with_token, token_words
 from bench import models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
+from bench.profiles import PROXY_FINETUNE
 
 KV_FILE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 AUGMENT_SEED_OFFSET = 70_000
@@ -172,8 +174,10 @@ class CustomDiffusion(Attack):
 
     Params = CustomDiffusionParams
     learns_token = True
+    # tiny/proxy: fewer steps, K/V and token at 100x the README's base rate as CAAT's proxy K/V (1e-5 moves small models
+    # by nothing; proxy: `benchmarks/proxy_scale.py personalise --attack custom-diffusion`)
     profiles = {"tiny": {"max_train_steps": 10, "num_class_images": 4, "learning_rate": 1e-3},
-                "proxy": {"max_train_steps": 100, "num_class_images": 16, "learning_rate": 1e-3}}
+                "proxy": {**PROXY_FINETUNE, "max_train_steps": 100, "learning_rate": 1e-3}}
     paper = "Kumari et al., CVPR'23; diffusers examples/custom_diffusion README + train_custom_diffusion.py"
 
     def train(self, ctx: RunContext, model_dir: Path, images: list[Image], instance_prompt: str,
@@ -184,13 +188,7 @@ class CustomDiffusion(Attack):
         word, init = token_words(self.name, identifier, class_noun, p.initializer_token)
         if word not in instance_prompt.split():
             raise ValueError(f"{self.name}: the instance prompt {instance_prompt!r} does not contain the identifier {word!r}")
-        _check_images(images, ctx.resolution, f"{self.name}: training")
-        if not images:
-            raise ValueError(f"{self.name}: no training images")
-        if prior:
-            if not class_images:
-                raise ValueError(f"{self.name}: with_prior_preservation needs class images, got none")
-            _check_images(class_images, ctx.resolution, f"{self.name}: class")
+        check_training_images(self.name, ctx.resolution, images, class_images, prior)
         c = models.load_components(model_dir, ctx.device, allow_unsafe=ctx.allow_unsafe_weights)
         c.vae.requires_grad_(False)
         token = NewToken(c.tokenizer, c.text_encoder, word, init, self.name)

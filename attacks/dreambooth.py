@@ -143,6 +143,18 @@ def _check_images(images: list[Image], resolution: int, what: str) -> None:
             raise ValueError(f"{what} image {i}: expected uint8 ({resolution}, {resolution}, 3), got {got}")
 
 
+def check_training_images(name: str, resolution: int, images: list[Image], class_images: list[Image],
+                          prior: bool) -> None:
+    """At least one training image, and (with prior preservation) class images, all uint8 at ``resolution``."""
+    _check_images(images, resolution, f"{name}: training")
+    if not images:
+        raise ValueError(f"{name}: no training images")
+    if prior:
+        if not class_images:
+            raise ValueError(f"{name}: with_prior_preservation needs class images, got none")
+        _check_images(class_images, resolution, f"{name}: class")
+
+
 def fit(ctx: RunContext, p: Any, name: str, trainable: list[torch.nn.Parameter], step_loss: Callable[[], torch.Tensor],
         *, learning_rate: float | None = None, accumulation: int = 1, before_clip: Callable[[], None] | None = None,
         after_step: Callable[[], None] | None = None) -> list[float]:
@@ -197,13 +209,7 @@ class _Run:
               name: str) -> dict[str, Any]:
         p, ctx, c = self.params, self.ctx, self.comps
         prior = bool(p.with_prior_preservation)
-        _check_images(images, ctx.resolution, f"{name}: training")
-        if not images:
-            raise ValueError(f"{name}: no training images")
-        if prior:
-            if not class_images:
-                raise ValueError(f"{name}: with_prior_preservation needs class images, got none")
-            _check_images(class_images, ctx.resolution, f"{name}: class")
+        check_training_images(name, ctx.resolution, images, class_images, prior)
         c.vae.requires_grad_(False)
         inst = LatentCache(c.vae, to_tensor(images))
         cls = LatentCache(c.vae, to_tensor(class_images)) if prior else None

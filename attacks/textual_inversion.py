@@ -28,7 +28,8 @@ from typing import Any, Literal
 from bench.lazy import lazy_import
 torch = lazy_import("torch")
 
-from attacks.dreambooth import _Batches, _check_images, _jsonable, _peak_rss_mb, _precision, _write_log, fit
+from attacks.dreambooth import (_Batches, _jsonable, _peak_rss_mb, _precision, _write_log, check_training_images,
+                                fit)
 from bench import models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
@@ -162,7 +163,7 @@ class TextualInversion(Attack):
 
     Params = TextualInversionParams
     learns_token = True
-    # tiny/proxy: few steps; the proxy rate is 5x the README's base (measured in benchmarks/proxy_scale.py runs)
+    # tiny/proxy: fewer steps at the README's rate (proxy: `benchmarks/proxy_scale.py personalise --attack textual-inversion`)
     profiles = {"tiny": {"max_train_steps": 10}, "proxy": {"max_train_steps": 100}}
     paper = "Gal et al., ICLR'23; diffusers examples/textual_inversion README (cat toy) + textual_inversion.py"
 
@@ -171,9 +172,7 @@ class TextualInversion(Attack):
               class_noun: str | None = None) -> None:
         p = self.params
         word, init = token_words(self.name, identifier, class_noun, p.initializer_token)
-        _check_images(images, ctx.resolution, f"{self.name}: training")
-        if not images:
-            raise ValueError(f"{self.name}: no training images")
+        check_training_images(self.name, ctx.resolution, images, [], False)
         c = models.load_components(model_dir, ctx.device, allow_unsafe=ctx.allow_unsafe_weights)
         c.vae.requires_grad_(False)
         c.unet.requires_grad_(False)
