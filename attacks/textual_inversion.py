@@ -8,6 +8,8 @@ the whole token-embedding matrix is in AdamW (as in the script) and every other 
 every other weight stays bit-identical. Each example is one training image, horizontally flipped with p = 0.5 and
 captioned by a random one of the script's "object" templates filled with the new word ("a photo of a sks"); the
 dataset is the images repeated ``repeats`` = 100 times, shuffled each epoch. Loss: the METHODS.md 1.2 denoising loss.
+The harness's instance prompt is not a training caption (it is recorded in the log): under prompt mismatch only the
+identifier changes for this attack. No class images, no gradient clipping (the script has neither).
 
 Learning rate: the script's ``--scale_lr`` multiplies ``learning_rate`` by gradient_accumulation_steps x
 train_batch_size x processes, and the README passes it: the defaults train at 5e-4 x 4 x 1 = 2e-3 (one process;
@@ -163,7 +165,8 @@ class TextualInversion(Attack):
 
     Params = TextualInversionParams
     learns_token = True
-    # tiny/proxy: fewer steps at the README's rate (proxy: `benchmarks/proxy_scale.py personalise --attack textual-inversion`)
+    # tiny/proxy: fewer steps at the README's rate. Proxy, 4 synthetic subjects (`benchmarks/proxy_scale.py personalise
+    # --attack textual-inversion`): subject-ism 0.07 -> 0.34, identified among 10 0.16 -> 0.31 (~20 s a run; DreamBooth: 1.0)
     profiles = {"tiny": {"max_train_steps": 10}, "proxy": {"max_train_steps": 100}}
     paper = "Gal et al., ICLR'23; diffusers examples/textual_inversion README (cat toy) + textual_inversion.py"
 
