@@ -15,7 +15,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 from bench.lazy import lazy_import
@@ -140,6 +140,58 @@ def _check_images(images: list[Image], resolution: int, what: str) -> None:
             raise ValueError(f"{what} image {i}: expected uint8 ({resolution}, {resolution}, 3), got {got}")
 
 
+def check_training_images(name: str, resolution: int, images: list[Image], class_images: list[Image],
+                          prior: bool) -> None:
+    """At least one training image, and (with prior preservation) class images, all uint8 at ``resolution``."""
+    _check_images(images, resolution, f"{name}: training")
+    if not images:
+        raise ValueError(f"{name}: no training images")
+    if prior:
+        if not class_images:
+            raise ValueError(f"{name}: with_prior_preservation needs class images, got none")
+        _check_images(class_images, resolution, f"{name}: class")
+
+
+def fit(ctx: RunContext, p: Any, name: str, trainable: list[torch.nn.Parameter], step_loss: Callable[[], torch.Tensor],
+        *, learning_rate: float | None = None, accumulation: int = 1, before_clip: Callable[[], None] | None = None,
+        after_step: Callable[[], None] | None = None) -> list[float]:
+    """The optimisation loop of diffusers' ``train_*.py`` scripts, shared by the attacks: AdamW (``p.adam_betas``,
+    ``p.weight_decay``, ``p.adam_epsilon``; ``learning_rate`` or ``p.learning_rate``), ``p.lr_scheduler`` with
+    ``p.lr_warmup_steps``; each of ``p.max_train_steps`` optimizer steps backpropagates ``accumulation`` micro-batch
+    losses ``step_loss()`` each divided by ``accumulation`` (accelerate's gradient accumulation), then
+    ``before_clip``, gradient-norm clipping to ``p.max_grad_norm`` (when ``p`` has one), the step, ``after_step``.
+    Returns each step's loss (mean over its micro-batches); a non-finite loss raises naming the step."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.AdamW(trainable, lr=p.learning_rate if learning_rate is None else learning_rate,
+                            betas=tuple(p.adam_betas), weight_decay=p.weight_decay, eps=p.adam_epsilon)
+    sched = get_scheduler(p.lr_scheduler, optimizer=opt, num_warmup_steps=p.lr_warmup_steps,
+                          num_training_steps=p.max_train_steps)
+    max_grad_norm = getattr(p, "max_grad_norm", None)
+    losses: list[float] = []
+    for step in range(p.max_train_steps):
+        total = 0.0
+        for _ in range(accumulation):
+            loss = step_loss()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{name}: loss is {float(loss.detach())} at step {step + 1}/{p.max_train_steps}; "
+                                         f"check the training images and lower learning_rate ({p.learning_rate})")
+            (loss if accumulation == 1 else loss / accumulation).backward()
+            total += float(loss.detach())
+        if before_clip is not None:
+            before_clip()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        losses.append(total / accumulation)
+        ctx.progress(step + 1, p.max_train_steps)
+    return losses
+
+
 @dataclass
 class _Run:
     """One fine-tuning run: frozen VAE, trainable parameters, cached latents and (when frozen) prompt embeddings."""
@@ -154,13 +206,7 @@ class _Run:
               name: str) -> dict[str, Any]:
         p, ctx, c = self.params, self.ctx, self.comps
         prior = bool(p.with_prior_preservation)
-        _check_images(images, ctx.resolution, f"{name}: training")
-        if not images:
-            raise ValueError(f"{name}: no training images")
-        if prior:
-            if not class_images:
-                raise ValueError(f"{name}: with_prior_preservation needs class images, got none")
-            _check_images(class_images, ctx.resolution, f"{name}: class")
+        check_training_images(name, ctx.resolution, images, class_images, prior)
         c.vae.requires_grad_(False)
         inst = LatentCache(c.vae, to_tensor(images))
         cls = LatentCache(c.vae, to_tensor(class_images)) if prior else None
@@ -169,20 +215,11 @@ class _Run:
         if not self.text_trainable:
             with torch.no_grad():
                 fixed = encode_prompt(c.tokenizer, c.text_encoder, prompts).detach()
-        from diffusers.optimization import get_scheduler
-
-        opt = torch.optim.AdamW(self.trainable, lr=p.learning_rate, betas=tuple(p.adam_betas),
-                                weight_decay=p.weight_decay, eps=p.adam_epsilon)
-        sched = get_scheduler(p.lr_scheduler, optimizer=opt, num_warmup_steps=p.lr_warmup_steps,
-                              num_training_steps=p.max_train_steps)
         gen = ctx.torch_generator()
         batches = _Batches(len(images), len(class_images) if prior else 0, p.train_batch_size, gen)
         autocast, precision = _precision(p.mixed_precision, ctx.device)
-        c.unet.train()
-        c.text_encoder.train(self.text_trainable)
-        losses: list[float] = []
-        start = time.perf_counter()
-        for step in range(p.max_train_steps):
+
+        def step_loss() -> torch.Tensor:
             i_idx, c_idx = batches.next()
             latents = inst.sample(i_idx, gen)
             if prior:
@@ -194,16 +231,12 @@ class _Run:
             loss = per[:len(i_idx)].mean()
             if prior:
                 loss = loss + p.prior_loss_weight * per[len(i_idx):].mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{name}: loss is {float(loss.detach())} at step {step + 1}/{p.max_train_steps}; "
-                                         f"check the training images and lower learning_rate ({p.learning_rate})")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            ctx.progress(step + 1, p.max_train_steps)
+            return loss
+
+        c.unet.train()
+        c.text_encoder.train(self.text_trainable)
+        start = time.perf_counter()
+        losses = fit(ctx, p, name, self.trainable, step_loss)
         c.unet.eval()
         c.text_encoder.eval()
         wall = time.perf_counter() - start

@@ -78,10 +78,12 @@ def draw_timesteps_noise(noise_scheduler, latents: torch.Tensor, generator: torc
 
 def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    generator: torch.Generator | None, timesteps: torch.Tensor | None = None,
-                   noise: torch.Tensor | None = None, per_sample: bool = False):
+                   noise: torch.Tensor | None = None, per_sample: bool = False, mask: torch.Tensor | None = None):
     """The latent-diffusion loss (METHODS.md 1.2): z_t = add_noise(z0, eps, t), MSE of the UNet output against eps
     (``epsilon``) or the velocity (``v_prediction``), mean over all elements. ``timesteps``/``noise`` default to
-    draws from ``generator``. With ``per_sample`` returns (mean loss, per-sample losses)."""
+    draws from ``generator``. With ``per_sample`` returns (mean loss, per-sample losses). ``mask`` (broadcast to the
+    latents, e.g. N x 1 x h x w): a sample's loss is sum(error * mask) / sum(mask) instead of the mean (Custom
+    Diffusion's valid-region loss: a one-channel mask sums the error over the latent channels)."""
     if timesteps is None or noise is None:
         t_draw, n_draw = draw_timesteps_noise(noise_scheduler, latents, generator)
         timesteps = t_draw if timesteps is None else timesteps
@@ -95,7 +97,9 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config (epsilon or v_prediction)")
-    losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    dims = tuple(range(1, pred.ndim))
+    losses = err.mean(dim=dims) if mask is None else (err * mask).sum(dim=dims) / mask.sum(dim=dims)
     loss = losses.mean()
     return (loss, losses) if per_sample else loss
 

@@ -157,16 +157,20 @@ def build_plan(suite: Suite, profile: Profile, subjects: dict[str, list]) -> Pla
         gen = profile.generation
         use_subject = gen.use_subject_prompts and subject.eval_prompts
         eval_prompts = [_fill(t, identifier, subject.class_noun) for t in (subject.eval_prompts if use_subject else gen.prompts)]
-        n_class = attack.create().class_images_needed()
+        plugin = attack.create()
+        n_class = plugin.class_images_needed()
         attack_deps = [attacker_model, training_set]
         if n_class:
             attack_deps.append(b.add("class_images", {
                 "prompt": class_prompt, "n": n_class, "sampler": profile.class_sampler, "steps": profile.class_steps,
                 "guidance": gen.guidance, "seed": seed, "resolution": profile.resolution}, (attacker_model,),
                 f"class images {class_prompt!r}"))
-        trained = b.add("attack", {"attack": plugin_spec(attack), "instance_prompt": instance_prompt,
-                                   "class_prompt": class_prompt, "seed": seed, "resolution": profile.resolution},
-                        tuple(attack_deps), f"attack {attack.label} <- {label}")
+        attack_params = {"attack": plugin_spec(attack), "instance_prompt": instance_prompt,
+                         "class_prompt": class_prompt, "seed": seed, "resolution": profile.resolution}
+        words = plugin.token_words(identifier, subject.class_noun)
+        if words:  # only attacks that learn a token: other attacks' stage keys are unchanged
+            attack_params["words"] = words
+        trained = b.add("attack", attack_params, tuple(attack_deps), f"attack {attack.label} <- {label}")
         generated = b.add("generate", {"prompts": eval_prompts, "sampler": gen.sampler, "steps": gen.steps,
                                        "guidance": gen.guidance, "n_per_prompt": gen.n_per_prompt, "seed": seed,
                                        "resolution": profile.resolution, "attack": plugin_spec(attack)},

@@ -107,6 +107,16 @@ class Transform(Plugin):
 class Attack(Plugin):
     """Personalization: base model + training images -> fine-tuned weights in ``out_dir``."""
 
+    # True for attacks that add the prompts' identifier to the tokenizer as a new word with its own learned embedding
+    # (Textual Inversion's placeholder, Custom Diffusion's modifier token): ``train`` then also gets the keywords
+    # ``token_words`` returns, and they are part of the attack stage's key. Generation prompts keep the identifier.
+    learns_token: ClassVar[bool] = False
+
+    def token_words(self, identifier: str, class_noun: str) -> dict[str, str]:
+        """The extra keywords of ``train``: ``identifier`` (the new word) and ``class_noun`` (its default
+        initialisation) when ``learns_token``, else none."""
+        return {"identifier": identifier, "class_noun": class_noun} if self.learns_token else {}
+
     def class_images_needed(self) -> int:
         return int(getattr(self.params, "num_class_images", 0) if getattr(self.params, "with_prior_preservation", False) else 0)
 

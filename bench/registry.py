@@ -266,6 +266,8 @@ _BUILTIN_MODULES = (
     "attacks.transforms",
     "attacks.purification",
     "attacks.dreambooth",
+    "attacks.textual_inversion",
+    "attacks.custom_diffusion",
     "metrics.imperceptibility",
     "metrics.backdoor",
     "metrics.quality",

@@ -211,7 +211,7 @@ def run_attack(stage: Stage, env: StageEnv, ctx: RunContext) -> None:
     if any(env.stages[k].kind == "class_images" for k in stage.deps):
         class_images = load_images(env.store.path("class_images", env.dep(stage, "class_images").key) / "images")
     attack.train(ctx, env.model_input(stage), images, p["instance_prompt"], p["class_prompt"], class_images,
-                 ctx.work_dir / "trained")
+                 ctx.work_dir / "trained", **p.get("words", {}))
 
 
 def run_generate(stage: Stage, env: StageEnv, ctx: RunContext) -> None:

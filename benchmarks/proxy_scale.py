@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/proxy_scale.py build        # time to build proxy:a, proxy:b and the identity model
     .venv/bin/python benchmarks/proxy_scale.py text         # text conditioning: loss gap, attributes of generations
     .venv/bin/python benchmarks/proxy_scale.py personalise  # DreamBooth on clean held-out subjects vs the base model
+    .venv/bin/python benchmarks/proxy_scale.py personalise --attack textual-inversion   # or custom-diffusion, lora-dreambooth
     .venv/bin/python benchmarks/proxy_scale.py protect      # bench run: ASPL / AdvDM vs random noise, paired CI
     .venv/bin/python benchmarks/proxy_scale.py protect --eps 6.375,16,32   # budget sweep
 
@@ -109,15 +110,15 @@ def section_text(work: Path, n_subjects: int) -> None:
           f"(chance {1 / n_subjects:.2f})")
 
 
-def section_personalise(work: Path, n_subjects: int, steps: int | None, lr: float | None) -> None:
+def section_personalise(work: Path, n_subjects: int, steps: int | None, lr: float | None, name: str) -> None:
     model = model_dir(work)
     given = {k: v for k, v in (("max_train_steps", steps), ("learning_rate", lr)) if v is not None}
-    attack = ATTACKS.create("dreambooth", given, profile="proxy")
+    attack = ATTACKS.create(name, given, profile="proxy")
     subjects = SyntheticDataset(SyntheticParams(num_subjects=n_subjects)).subjects(None)
     rows = personalisation_scores(model, subjects, work, attack)
     for row in rows:
         print(f"{row['subject']}: ISM {row['before'][0]:.3f} -> {row['after'][0]:.3f}, identified among 10 "
-              f"{row['before'][1]:.2f} -> {row['after'][1]:.2f} (DreamBooth {attack.params.max_train_steps} steps "
+              f"{row['before'][1]:.2f} -> {row['after'][1]:.2f} ({name} {attack.params.max_train_steps} steps "
               f"lr {attack.params.learning_rate:g}: {row['train_s']:.0f} s)", flush=True)
     for k, name in ((0, "ISM"), (1, "identification rate")):
         m, lo, hi = t_interval([r["after"][k] - r["before"][k] for r in rows])
@@ -162,8 +163,9 @@ def main() -> None:
     ap.add_argument("section", choices=("build", "text", "personalise", "protect"))
     ap.add_argument("--work", default="runs/proxy-scale")
     ap.add_argument("--subjects", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="personalise: DreamBooth steps (default: proxy profile)")
-    ap.add_argument("--lr", type=float, default=None, help="personalise: DreamBooth learning rate")
+    ap.add_argument("--attack", default="dreambooth", help="personalise: the attack (default dreambooth)")
+    ap.add_argument("--steps", type=int, default=None, help="personalise: the attack's steps (default: proxy profile)")
+    ap.add_argument("--lr", type=float, default=None, help="personalise: the attack's learning rate")
     ap.add_argument("--defenses", default="aspl:6.375,advdm:16",
                     help="protect: defense:eps pairs (eps in /255; default: each paper's budget)")
     ap.add_argument("--eps", default="", help="protect: a budget sweep, comma-separated, applied to every defense")
@@ -177,7 +179,7 @@ def main() -> None:
     elif a.section == "text":
         section_text(work, a.subjects or 16)
     elif a.section == "personalise":
-        section_personalise(work, a.subjects or 4, a.steps, a.lr)
+        section_personalise(work, a.subjects or 4, a.steps, a.lr, a.attack)
     else:
         pairs = [(d.split(":")[0], float(d.split(":")[1])) for d in a.defenses.split(",")]
         if a.eps:

@@ -26,6 +26,7 @@ import numpy as np
 from bench.lazy import lazy_import
 torch = lazy_import("torch")
 
+from attacks.custom_diffusion import install_kv_processors  # Custom Diffusion's crossattn_kv processors
 from bench import models as bench_models
 from bench.diffusion import denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
@@ -59,34 +60,6 @@ class CAATParams:
             raise ValueError(f"instance_prompt: only {{class_noun}} may be used ({e})") from None
 
 
-def install_kv_processors(unet) -> list[torch.nn.Parameter]:
-    """Custom Diffusion ``crossattn_kv``: a ``CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False)`` on
-    every cross-attention (``attn2``) with K/V copied from the layer; self-attention keeps its processor. Returns the
-    trainable K/V weights (everything else in ``unet`` is frozen)."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
-
-    unet.requires_grad_(False)
-    procs, trainable = {}, []
-    for name, proc in unet.attn_processors.items():
-        if not name.endswith("attn2.processor"):
-            procs[name] = proc
-            continue
-        attn = unet.get_submodule(name[: -len(".processor")])
-        new = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
-                                              cross_attention_dim=attn.to_k.in_features)
-        new.to_k_custom_diffusion.weight.data.copy_(attn.to_k.weight.data)
-        new.to_v_custom_diffusion.weight.data.copy_(attn.to_v.weight.data)
-        new.to(attn.to_k.weight.device)
-        procs[name] = new
-        trainable += [new.to_k_custom_diffusion.weight, new.to_v_custom_diffusion.weight]
-    if not trainable:
-        raise ValueError("CAAT: the UNet has no cross-attention layers (attn2)")
-    unet.set_attn_processor(procs)
-    for q in trainable:
-        q.requires_grad_(True)
-    return trainable
-
-
 @DEFENSES.register("caat", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class CAAT(Defense):
     """CAAT: PGD on the denoising loss jointly with AdamW training of the cross-attention K/V projections only."""
@@ -114,7 +87,7 @@ class CAAT(Defense):
         c = bench_models.load_components(Path(model_dir), ctx.device, allow_unsafe=ctx.allow_unsafe_weights)
         c.vae.requires_grad_(False).eval()
         c.text_encoder.requires_grad_(False).eval()
-        self.comps, self.trainable = c, install_kv_processors(c.unet)
+        self.comps, self.trainable = c, install_kv_processors(c.unet, who="CAAT")
         c.unet.train()
         prompt = p.instance_prompt.format(class_noun=subject.class_noun if subject is not None else "person")
         with torch.no_grad():

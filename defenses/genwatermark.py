@@ -356,7 +356,8 @@ def synthesise(ctx: RunContext, model_dir: Path, clean: list[Image], published: 
         for label, train in (("positives", published), ("negatives", clean)):
             start = time.perf_counter()
             trained = Path(tmp) / label
-            attack.train(sub, model_dir, train, instance_prompt, class_prompt, class_images, trained)
+            attack.train(sub, model_dir, train, instance_prompt, class_prompt, class_images, trained,
+                         **attack.token_words(prof.identifier, class_noun))
             timings[f"train_{label}_s"] = time.perf_counter() - start
             start = time.perf_counter()
             pipe = models.set_sampler(attack.load_pipeline(model_dir, trained, ctx.device, ctx.allow_unsafe_weights),

@@ -163,7 +163,7 @@ def caption_losses(model: Path, seeds: list[int], resolution: int, repeats: int 
 
 
 def personalisation_scores(model: Path, subjects: list, work: Path, attack, n_images: int = 8) -> list[dict]:
-    """The proxy profile's DreamBooth (``attack``) on each subject's clean set_B, and the synthetic identity metrics
+    """The proxy profile's ``attack`` (DreamBooth, or any other) on each subject's clean set_B, and the synthetic identity metrics
     (subject-ism, subject-idr) of "a photo of sks toy" generations before (base model, generated once) and after:
     [{"subject", "before": (ism, idr), "after": (ism, idr), "train_s", "images": the generations after}]."""
     import time
@@ -177,7 +177,7 @@ def personalisation_scores(model: Path, subjects: list, work: Path, attack, n_im
     ctx = RunContext(seed=0, device="cpu", profile="proxy", resolution=p.resolution, work_dir=work)
     class_prompt = p.class_prompt.format(class_noun="toy")
     instance = p.instance_prompt.format(identifier=p.identifier, class_noun="toy")
-    cls = generate_class_images(model, class_prompt, attack.params.num_class_images, ctx, p.class_sampler,
+    cls = generate_class_images(model, class_prompt, attack.class_images_needed(), ctx, p.class_sampler,
                                 p.class_steps, g.guidance)
     metrics = (METRICS.create("subject-ism"), METRICS.create("subject-idr"))
 
@@ -192,7 +192,8 @@ def personalisation_scores(model: Path, subjects: list, work: Path, attack, n_im
     rows = []
     for subject in subjects:
         start = time.perf_counter()
-        attack.train(ctx, model, subject.load("B", p.resolution), instance, class_prompt, cls, work / subject.id)
+        attack.train(ctx, model, subject.load("B", p.resolution), instance, class_prompt, cls, work / subject.id,
+                     **attack.token_words(p.identifier, "toy"))
         train_s = time.perf_counter() - start
         after = images(attack.load_pipeline(model, work / subject.id, "cpu"))
         rows.append({"subject": subject.id, "before": scores(subject, base), "after": scores(subject, after),
