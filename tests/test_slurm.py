@@ -22,7 +22,6 @@ from bench.cli import main
 from tests.conftest import REPO, write_suite
 from tests.test_exec import _artifacts
 
-pytestmark = pytest.mark.slurm
 
 TWO_SUBJECTS = """
 name: micro
@@ -59,15 +58,12 @@ def _cluster_problem() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    why = _cluster_problem()
-    if why:
-        pytest.skip(why)
+PROBLEM = _cluster_problem()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")]
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, warm_models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+def reference(warm_models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """The one- and two-subject suites and their sequential runs (in this process, --jobs 1): {name: (suite, out)}."""
     refs = {}
     for name, body in (("one", ONE_SUBJECT), ("two", TWO_SUBJECTS)):
