@@ -318,9 +318,10 @@ def _run_group(call: Callable[[str], Any], keys: list[str], modules: list[str]) 
     return [call(k) for k in keys]
 
 
-# sacct states of a job that has not ended (it is waited for), and the ended one whose result file says how its
-# stages went; any other state (failed, cancelled, timed out, unknown to sacct) means the attempt was lost
+# sacct states of a job that has not ended (an adopted one is waited for), and of one Slurm ended before the job
+# could write its result file
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"})
+KILLED_STATES = frozenset({"CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
@@ -457,7 +458,10 @@ class SlurmExecutor(Executor):
         job, keys = self.jobs.pop(job_id)
         self.in_flight -= len(keys)
         where = f"slurm ({self.ex.cluster})"
+        state = job.state.split()[0] if self.ex.cluster == "slurm" else ""
         try:
+            if state in KILLED_STATES and not job.paths.result_pickle.exists():  # not submitit's 15 s wait for it
+                raise RuntimeError(f"Slurm ended it: {state}, no result written")
             results = {r.key: r for r in job.result()}
         except Exception as e:  # the job failed outside the stages: killed, timed out, node failure
             results = {k: StageResult(k, False, error=f"job {job_id}: {type(e).__name__}: {e}") for k in keys}
