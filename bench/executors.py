@@ -302,14 +302,54 @@ def load_cluster_profile(path: Path, base: SlurmClass) -> dict[str, SlurmClass]:
     return {kind: entry(kind, default) if kind in doc else default for kind in STAGE_KINDS}
 
 
-def _run_group(call: Callable[[str], Any], keys: list[str]) -> list[StageResult]:
-    """One Slurm job running several small stages in turn."""
+def _run_group(call: Callable[[str], Any], keys: list[str], modules: list[str]) -> list[StageResult]:
+    """One Slurm job: its stages in turn. Torch gets the job's CPUs (``SLURM_CPUS_PER_TASK`` threads unless
+    ``BENCH_CPU_THREADS`` says otherwise) through the environment it reads when it loads, so that a job of stages
+    that load no model (compose, most measures) never imports torch or diffusers (seconds of CPU per job)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # not submitit's debug jobs, which run in the driver
+        threads = os.environ.get("BENCH_CPU_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK") or "1"
+        os.environ.update(BENCH_CPU_THREADS=threads, OMP_NUM_THREADS=threads, TRANSFORMERS_VERBOSITY="error",
+                          DIFFUSERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    from bench.registry import load_builtins
+
+    load_builtins()
+    for m in modules:
+        importlib.import_module(m)
     return [call(k) for k in keys]
+
+
+# sacct states of a job that has not ended (an adopted one is waited for), and of one Slurm ended before the job
+# could write its result file
+ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"})
+KILLED_STATES = frozenset({"CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id: state} from Slurm's accounting (``sacct``), the first word of its state (``CANCELLED by 0``)."""
+    import subprocess
+
+    if not job_ids:
+        return {}
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        why = "" if out.returncode == 0 else (out.stderr.strip() or f"exit code {out.returncode}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    if why:
+        raise ConfigError(f"cannot ask Slurm about the jobs an earlier `bench run` left running ({' '.join(cmd)}: "
+                          f"{why}); without accounting they cannot be followed: wait for them or scancel them, "
+                          f"then run again")
+    states = {}
+    for line in out.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id.strip()] = (state.split() or ["UNKNOWN"])[0]
+    return states
 
 
 @dataclass(frozen=True)
 class SlurmParams:
-    folder: str = "slurm-logs"  # submitit logs, relative to the current directory
+    folder: str = ""  # submitit's job files and logs; "" = slurm-logs/ in the run's --out folder
     profile: str = ""  # cluster profile YAML: resources per stage kind (see load_cluster_profile)
     partition: str = ""
     account: str = ""
@@ -327,7 +367,8 @@ class SlurmExecutor(Executor):
     """Slurm jobs through submitit, each submitted as soon as its stages' inputs exist: one job per stage, or
     ``group`` small stages of a kind per job; resources per stage kind from a cluster profile YAML (``profile=``),
     else the flat parameters for every stage. ``--jobs N`` bounds the stages in flight (default 1024). Cluster
-    settings are the user's files and parameters, never code (HARNESSES.md 5.4)."""
+    settings are the user's files and parameters, never code (HARNESSES.md 5.4). A later driver on the same --out
+    adopts the jobs of one that died (``adopt``)."""
 
     Params = SlurmParams
     requires = Requirements(modules=("submitit",), extra="cluster")
@@ -342,9 +383,11 @@ class SlurmExecutor(Executor):
         import submitit
 
         self.call = shipped(call)
+        self.modules = plugin_modules()
         self.limit = jobs or 1024
-        self.ex = submitit.AutoExecutor(folder=Path(self.params.folder), cluster=self.params.cluster or None)
-        self.jobs: dict[str, tuple[Any, list[str]]] = {}  # job id -> (job, its stage keys)
+        self.folder = Path(self.params.folder or Path(call.env.store.root).parent / "slurm-logs").resolve()
+        self.ex = submitit.AutoExecutor(folder=self.folder, cluster=self.params.cluster or None)
+        self.jobs: dict[str, tuple[Any, list[str]]] = {}  # job id -> (job, the stage keys it reports)
         self.buffer: dict[str, list[str]] = {}  # stage kind -> keys submitted since the last flush
         self.in_flight = 0
 
@@ -371,11 +414,35 @@ class SlurmExecutor(Executor):
                 raise ConfigError(f"--executor slurm ({kind} stages): {e}") from None
             for i in range(0, len(keys), c.group):
                 group = keys[i:i + c.group]
-                job = self.ex.submit(_run_group, self.call, group)
+                job = self.ex.submit(_run_group, self.call, group, self.modules)
                 self.jobs[str(job.job_id)] = (job, group)
                 started += [(k, f"slurm ({self.ex.cluster})", str(job.job_id)) for k in group]
         self.buffer = {}
         return started
+
+    def adopt(self, jobs: dict[str, str]) -> dict[str, str]:
+        """Follow the jobs an earlier driver of this --out left behind ({stage key: job id}): one still pending or
+        running is waited for like one submitted here, one that completed is collected from its result file; the
+        others (failed, cancelled, timed out, unknown to sacct) are returned {key: why} as lost attempts."""
+        if self.ex.cluster != "slurm":
+            return {k: f"job {j}: only jobs of a real Slurm cluster are followed across drivers (this run: "
+                       f"{self.ex.cluster})" for k, j in jobs.items()}
+        from submitit.slurm.slurm import SlurmJob
+
+        by_job: dict[str, list[str]] = {}
+        for key, job_id in jobs.items():
+            by_job.setdefault(job_id, []).append(key)
+        states = sacct_states(list(by_job))
+        lost = {}
+        for job_id, keys in by_job.items():
+            state = states.get(job_id, "UNKNOWN")
+            if state in ACTIVE_STATES or state == "COMPLETED":
+                self.jobs[job_id] = (SlurmJob(folder=self.folder, job_id=job_id), keys)
+                self.in_flight += len(keys)
+            else:
+                why = "unknown to sacct" if state == "UNKNOWN" else f"ended {state}"
+                lost.update({k: f"job {job_id} {why} while no driver followed it" for k in keys})
+        return lost
 
     def wait(self) -> list[Finished]:
         while True:
@@ -391,15 +458,19 @@ class SlurmExecutor(Executor):
         job, keys = self.jobs.pop(job_id)
         self.in_flight -= len(keys)
         where = f"slurm ({self.ex.cluster})"
+        state = job.state.split()[0] if self.ex.cluster == "slurm" else ""
         try:
-            results = job.result()
+            if state in KILLED_STATES and not job.paths.result_pickle.exists():  # not submitit's 15 s wait for it
+                raise RuntimeError(f"Slurm ended it: {state}, no result written")
+            results = {r.key: r for r in job.result()}
         except Exception as e:  # the job failed outside the stages: killed, timed out, node failure
-            results = [StageResult(k, False, error=f"job {job_id}: {type(e).__name__}: {e}") for k in keys]
-        return [Finished(k, r, where, job_id) for k, r in zip(keys, results)]
+            results = {k: StageResult(k, False, error=f"job {job_id}: {type(e).__name__}: {e}") for k in keys}
+        return [Finished(k, results.get(k) or StageResult(k, False, error=f"job {job_id} returned no result for it"),
+                         where, job_id) for k in keys]
 
     def stop(self, interrupted: bool = False) -> None:
-        """Ctrl-C cancels the run's jobs (a later driver does not adopt running jobs: after a kill -9 their stages
-        are submitted again, and the store keeps whichever copy finishes first)."""
+        """Ctrl-C cancels the run's jobs (after a kill -9 or an SSH drop they run on, and the next `bench run` on
+        the same --out adopts them)."""
         if interrupted:
             for job, _ in self.jobs.values():
                 try:

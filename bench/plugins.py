@@ -285,6 +285,11 @@ class Executor(Plugin):
     def wait(self) -> list[Any]:
         raise NotImplementedError
 
+    def adopt(self, jobs: dict[str, str]) -> dict[str, str]:
+        """After ``start``: follow the attempts an earlier driver of this --out left running ({stage key: job id});
+        ``wait`` reports those still running or finished like submitted ones. Returns {key: why} of lost attempts."""
+        return {k: f"job {j}: the {self.name} executor cannot follow it" for k, j in jobs.items()}
+
     def stop(self, interrupted: bool = False) -> None:
         pass
 

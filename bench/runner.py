@@ -225,10 +225,12 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
     executor.start(StageCall(env), opts.jobs)
     workers = executor.describe()
     events = _LedgerEvents(ledger, stages, store, consumers_of(stages), opts.keep_weights, overall)
+    adopted, earlier, n_adopted = adopt_left_jobs(ledger, stages, store, todo, executor)
     ledger.set_states([(k, stages[k].kind, stages[k].label, "done") for k in cached]
-                      + [(k, stages[k].kind, stages[k].label, "queued") for k in todo])
+                      + [(k, stages[k].kind, stages[k].label, "running" if k in adopted else "queued") for k in todo])
+    events.running |= set(adopted)
     try:
-        failed = run_dag(todo, stages, executor, opts.retries, events)
+        failed = run_dag(todo, stages, executor, opts.retries, events, adopted, earlier)
     except BaseException:  # Ctrl-C: stop the workers; finished stages stay, the next run resumes
         executor.stop(interrupted=True)
         for k in events.running:
@@ -266,6 +268,7 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
         "cells_total": len(p.plan.cells), "cells_ok": cells_ok, "cells_failed": len(failures),
         "stages_total": len(stages), "stages_run": len(ran), "stages_cached": len(cached),
         "stages_failed": len([k for k in failed if k in todo]), "attempts_retried": events.retried,
+        "jobs_adopted": n_adopted,
         "executor": workers,
         "damaged_artifacts_recomputed": repaired,
         "naive_stage_executions": p.plan.naive_stage_count(),
@@ -274,6 +277,40 @@ def _execute(p: Prepared, opts: RunOptions, out: Path) -> dict[str, Any]:
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def adopt_left_jobs(ledger: Ledger, stages, store: ArtifactStore, todo: list[str],
+                    executor) -> tuple[dict[str, int], dict[str, int], int]:
+    """Attempts an earlier driver of this --out left running with a job id (it was killed, or its SSH session
+    dropped), so that nothing is submitted twice: one whose stage is now done in the store (it verified) is recorded
+    as the successful attempt it was; one whose inputs are done is handed to ``executor.adopt`` (still pending or
+    running: waited for; finished: collected; failed or gone: recorded as a failed attempt, and run again). Returns
+    (adopted {key: attempts}, earlier attempts {key: n} of the stages to run again, attempts adopted)."""
+    run = set(todo)
+    left = {s["key"]: s for s in ledger.stage_states()
+            if s["state"] == "running" and s["job_id"] and s["key"] in stages}
+    follow, earlier, finished = {}, {}, 0
+    for k, s in left.items():
+        st = stages[k]
+        if k not in run and (store.path(st.kind, k) / "done.json").is_file():
+            ledger.put_stage_run(k, st.kind, st.label, True, "", store.record(st.kind, k), s["attempts"], s["host"],
+                                 s["job_id"])
+            finished += 1
+        elif k in run and not any(d in run for d in st.deps):
+            follow[k] = s["job_id"]
+        elif k in run:
+            earlier[k] = s["attempts"]
+    lost = executor.adopt(follow) if follow else {}
+    for k, why in lost.items():
+        st, s = stages[k], left[k]
+        ledger.put_stage_run(k, st.kind, st.label, False, why, None, s["attempts"], s["host"], s["job_id"])
+        print(f"attempt {s['attempts']} of {st.label}: {why}; running it again", file=sys.stderr)
+        earlier[k] = s["attempts"]
+    adopted = {k: left[k]["attempts"] for k in follow if k not in lost}
+    if finished or adopted:
+        print(f"adopted {finished + len(adopted)} attempt(s) of an earlier run: {finished} finished, "
+              f"{len(adopted)} still running", file=sys.stderr)
+    return adopted, earlier, finished + len(adopted)
 
 
 def verified_plan(stages, store: ArtifactStore, repaired: dict[str, str]) -> tuple[set[str], list[str]]:

@@ -32,13 +32,14 @@ class Events(Protocol):
 
 
 def run_dag(todo: list[str], stages, executor, retries: int, events: Events,
-            adopted: dict[str, int] | None = None) -> dict[str, str]:
+            adopted: dict[str, int] | None = None, earlier: dict[str, int] | None = None) -> dict[str, str]:
     """Run the stages ``todo`` (topological plan order) through ``executor``; return {failed key: reason}.
 
     Ready stages are handed out in plan order (cell by cell, so one worker reproduces the sequential order and
     fine-tuned weights are pruned early); a failed attempt is retried up to ``retries`` times unless its error is bad
     input (``StageResult.retryable``); a stage that still fails fails its dependants with its reason.
-    ``adopted``: stages already running under the executor (from an earlier driver) -> attempts made so far."""
+    ``adopted``: stages already running under the executor (from an earlier driver) -> attempts made so far;
+    ``earlier``: other stages -> attempts earlier drivers made (their next attempt is numbered after them)."""
     order = {k: i for i, k in enumerate(todo)}
     in_todo = set(todo)
     waiting = {k: {d for d in stages[k].deps if d in in_todo} for k in todo}
@@ -46,7 +47,7 @@ def run_dag(todo: list[str], stages, executor, retries: int, events: Events,
     for k in todo:
         for d in waiting[k]:
             dependants[d].append(k)
-    attempts: dict[str, int] = dict(adopted or {})
+    attempts: dict[str, int] = {**(earlier or {}), **(adopted or {})}
     in_flight: set[str] = set(adopted or {})
     ready = [(order[k], k) for k in todo if not waiting[k] and k not in in_flight]
     heapq.heapify(ready)

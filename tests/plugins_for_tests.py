@@ -101,3 +101,31 @@ class FlakyDefense(Defense):
 
     def budget_255(self):
         return 0.0
+
+
+@dataclass(frozen=True)
+class SlowParams:
+    subject: str = ""  # only this subject's protect stage is slow; "" = every subject's
+
+
+@DEFENSES.register("test-slow")
+class SlowDefense(Defense):
+    """Publishes the photos unchanged. Where ``TEST_SLOW_RELEASE`` names a file, first sleeps until it exists (at
+    most 5 minutes): a protect stage exactly as slow as a test needs (it sets the variable; runs without it are fast)."""
+
+    Params = SlowParams
+    test_only = True
+
+    def protect(self, ctx: RunContext, images: list[Image], subject, model_dir) -> list[Image]:
+        import os
+        import time
+
+        release = os.environ.get("TEST_SLOW_RELEASE")
+        if release and self.params.subject in ("", subject.id):
+            deadline = time.time() + 300
+            while not Path(release).exists() and time.time() < deadline:
+                time.sleep(0.2)
+        return images
+
+    def budget_255(self):
+        return 0.0

@@ -191,3 +191,45 @@ def test_worker_death_is_retried_and_a_failing_stage_fails_only_its_cells(out_di
     assert main(["status", "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "0 queued, 0 running, 7 done, 5 failed" in out and "FAILED protect" in out  # protect and its 4 dependants
+
+
+def test_jobs_left_by_a_killed_driver_are_adopted_not_submitted_again(tmp_path):
+    """What the next driver does with the attempts a killed one left `running` with a job id (the real-Slurm version
+    is tests/test_slurm.py): finished -> its attempt recorded; still running -> waited for, never resubmitted;
+    lost -> a failed attempt recorded and the stage run again as the next attempt."""
+    from bench.ledger import Ledger
+    from bench.runner import adopt_left_jobs
+    from bench.store import ArtifactStore
+
+    stages = _chain_plan(3)
+    ledger, store = Ledger(tmp_path / "ledger.sqlite"), ArtifactStore(tmp_path / "cache")
+    ledger.set_states([(k, s.kind, s.label, "queued") for k, s in stages.items()])
+    for key, job in (("protect0", "11"), ("protect1", "12"), ("protect2", "13")):
+        ledger.set_state(key, "running", attempts=2 if key == "protect2" else 1, host="slurm (slurm)", job_id=job)
+    tmp = store.begin("protect", "protect0")  # protect0's job finished while no driver followed it
+    store.commit("protect", "protect0", tmp, {"key": "protect0", "wall_s": 3.0})
+
+    class Following:
+        asked: dict = {}
+
+        def adopt(self, jobs):
+            Following.asked = dict(jobs)
+            return {"protect2": "job 13 ended CANCELLED while no driver followed it"}
+
+    todo = [k for k in stages if k != "protect0"]
+    adopted, earlier, n = adopt_left_jobs(ledger, stages, store, todo, Following())
+    assert Following.asked == {"protect1": "12", "protect2": "13"}
+    assert adopted == {"protect1": 1} and earlier == {"protect2": 2} and n == 2
+    rows = ledger.db.execute("SELECT key, attempt, ok, job_id, error, wall_s FROM stage_runs ORDER BY key").fetchall()
+    assert rows == [("protect0", 1, 1, "11", "", 3.0),
+                    ("protect2", 2, 0, "13", "job 13 ended CANCELLED while no driver followed it", None)]
+    ledger.close()
+
+    ex = FakeExecutor(stages, slots=4, cost={}, fails={})
+    ex.running["protect1"] = 0.0  # its job runs on; the executor reports it when it ends
+    ev = Recorder()
+    ev.started = lambda key, attempt, where, job_id: ev.attempts.append((key, attempt, "started", None))
+    assert run_dag(todo, stages, ex, retries=2, events=ev, adopted=adopted, earlier=earlier) == {}
+    started = [(a[0], a[1]) for a in ev.attempts if a[2] == "started"]
+    assert ("protect1", 2) not in started and not any(k == "protect1" for k, _ in started)
+    assert ("protect2", 3) in started and set(ev.finished) == set(todo)
