@@ -22,7 +22,7 @@ from bench.lazy import lazy_import
 torch = lazy_import("torch")
 
 from bench import models
-from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
+from bench.diffusion import LatentCache, adamw, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
 from bench.precision import precision_for
 from bench.profiles import PROXY_FINETUNE
@@ -163,8 +163,8 @@ def fit(ctx: RunContext, p: Any, name: str, trainable: list[torch.nn.Parameter],
     Returns each step's loss (mean over its micro-batches); a non-finite loss raises naming the step."""
     from diffusers.optimization import get_scheduler
 
-    opt = torch.optim.AdamW(trainable, lr=p.learning_rate if learning_rate is None else learning_rate,
-                            betas=tuple(p.adam_betas), weight_decay=p.weight_decay, eps=p.adam_epsilon)
+    opt = adamw(trainable, lr=p.learning_rate if learning_rate is None else learning_rate,
+                betas=tuple(p.adam_betas), weight_decay=p.weight_decay, eps=p.adam_epsilon)
     sched = get_scheduler(p.lr_scheduler, optimizer=opt, num_warmup_steps=p.lr_warmup_steps,
                           num_training_steps=p.max_train_steps)
     max_grad_norm = getattr(p, "max_grad_norm", None)
@@ -267,7 +267,7 @@ def _load(model_dir: Path, ctx: RunContext, params: Any) -> models.SDComponents:
 
 # ----------------------------------------------------------------------------------------------- plug-ins
 
-@ATTACKS.register("dreambooth", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@ATTACKS.register("dreambooth", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class DreamBooth(Attack):
     """Full fine-tuning of the UNet (+ text encoder) with prior preservation; saves the trained modules as
     safetensors (``unet/``, ``text_encoder/``) and ``train_log.json``."""
@@ -317,7 +317,7 @@ def _lora_config(p: LoraDreamBoothParams, targets: list[str]):
     return LoraConfig(r=p.rank, lora_alpha=p.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
 
 
-@ATTACKS.register("lora-dreambooth", version=2)  # 2: bf16 autocast on CPUs with bf16 (bench/precision.py)
+@ATTACKS.register("lora-dreambooth", version=2)  # 2: bf16 autocast on bf16 CPUs (bench/precision.py), fused AdamW
 class LoraDreamBooth(Attack):
     """DreamBooth with LoRA (peft) on the UNet attention projections (optionally the text encoder); base weights
     frozen; saves only the adapters (``unet_lora/``, ``text_encoder_lora/``, peft safetensors) + ``train_log.json``."""

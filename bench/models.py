@@ -453,7 +453,7 @@ def _prepare_upscaler(out_dir: Path, seed: int, resolution: int, p: dict[str, An
     """A 4x ``StableDiffusionUpscalePipeline``: KL-f4 VAE (as SD x4's, latent scale 0.08333) pre-trained as an
     autoencoder, then the 7-channel UNet (noisy latents + the noise-augmented low-res image, noise level as class
     label) on denoising, both on (resolution/4 -> resolution) pairs."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionUpscalePipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -28,7 +28,7 @@ torch = lazy_import("torch")
 
 from attacks.custom_diffusion import install_kv_processors  # Custom Diffusion's crossattn_kv processors
 from bench import models as bench_models
-from bench.diffusion import denoising_loss, encode_prompt, to_tensor
+from bench.diffusion import adamw, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, save_within_budget
@@ -92,8 +92,8 @@ class CAAT(Defense):
         prompt = p.instance_prompt.format(class_noun=subject.class_noun if subject is not None else "person")
         with torch.no_grad():
             emb = encode_prompt(c.tokenizer, c.text_encoder, [prompt])
-        opt = torch.optim.AdamW(self.trainable, lr=p.learning_rate, betas=(0.9, 0.999), weight_decay=p.adam_weight_decay,
-                                eps=1e-8)
+        opt = adamw(self.trainable, lr=p.learning_rate, betas=(0.9, 0.999), weight_decay=p.adam_weight_decay,
+                    eps=1e-8)
         gen = ctx.torch_generator(GEN_OFFSET)
         x0 = to_tensor(images).to(ctx.device)
         x, losses = x0.clone(), []
