@@ -35,7 +35,7 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from bench.lazy import lazy_import
@@ -216,12 +216,6 @@ class LoopOptions:
 
 
 NAIVE = LoopOptions(surrogate_copy="deepcopy", cache_prompts=False, freeze_params_in_pgd=False)
-
-
-def _precision(requested: str, device: str) -> Precision:
-    """bf16/fp16 autocast over fp32 weights, or bf16 weights (aspl.py), on CUDA; bf16 on CPUs that have it
-    (bench/precision.py; the label says what was used)."""
-    return precision_for(requested, device)
 
 
 @dataclass
@@ -636,7 +630,7 @@ class _AntiDreamBooth(Defense):
             ctx.extra["target_image"] = p.target_image or f"built-in {TARGET_CELLS}x{TARGET_CELLS} checkerboard"
 
     def _engine(self, ctx: RunContext) -> _Engine:
-        return _Engine(self.params, ctx, _precision(self.params.mixed_precision, ctx.device), self.loop_options,
+        return _Engine(self.params, ctx, precision_for(self.params.mixed_precision, ctx.device), self.loop_options,
                        self.targeted)
 
     def _setup(self, ctx: RunContext, subject, model_dir: Path | None):

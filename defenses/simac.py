@@ -34,8 +34,9 @@ F = lazy_import("torch.nn.functional")
 
 from bench.diffusion import LatentCache, denoising_loss
 from bench.plugins import DEFENSES, RunContext
+from bench.precision import precision_for
 from bench.registry import Requirements
-from defenses.anti_dreambooth import _PROXY, _TINY, ASPLParams, _ASPLBase, _Engine, _Model, _precision
+from defenses.anti_dreambooth import _PROXY, _TINY, ASPLParams, _ASPLBase, _Engine, _Model
 from defenses.pgd import pgd_step
 
 FEATURE_GEN_OFFSET = 78_000  # the clean-feature posterior samples
@@ -178,7 +179,7 @@ class SimAC(_ASPLBase):
         self.selection_log: list[tuple] = []
 
     def _engine(self, ctx: RunContext) -> _SimACEngine:
-        self._last_engine = _SimACEngine(self.params, ctx, _precision(self.params.mixed_precision, ctx.device), self.loop_options,
+        self._last_engine = _SimACEngine(self.params, ctx, precision_for(self.params.mixed_precision, ctx.device), self.loop_options,
                             False)
         return self._last_engine
 
