@@ -88,10 +88,11 @@ def _last_job_id() -> int:
     return max((int(j) for j in out if j.isdigit()), default=0)
 
 
-def _sacct(after: int) -> dict[str, dict]:
-    """Jobs with ids above ``after`` once none is still ending: {id: {State, Start, End, TotalCPU}} (times to the
-    second, ISO: they sort; TotalCPU in seconds, over the job's steps)."""
-    for _ in range(150):
+def _sacct(after: int, expected: set[str]) -> dict[str, dict]:
+    """Jobs with ids above ``after`` once every ``expected`` id is known to accounting (slurmdbd records a job a moment
+    after it ends) and none is still ending: {id: {State, Start, End, TotalCPU}} (times to the second, ISO: they sort;
+    TotalCPU in seconds, over the job's steps)."""
+    for _ in range(300):
         out = subprocess.run(["sacct", "-n", "-P", "-a", "-o", "JobID,State,Start,End,TotalCPU", "-S", "now-1days"],
                              capture_output=True, text=True, check=True).stdout
         jobs: dict[str, dict] = {}
@@ -99,7 +100,7 @@ def _sacct(after: int) -> dict[str, dict]:
             job_id, state, start, end, cpu = line.split("|")
             if job_id.isdigit() and int(job_id) > after:
                 jobs[job_id] = {"State": state.split()[0], "Start": start, "End": end, "TotalCPU": _seconds(cpu)}
-        if not any(j["State"] in ("PENDING", "RUNNING", "COMPLETING") for j in jobs.values()):
+        if expected <= set(jobs) and not any(j["State"] in ("PENDING", "RUNNING", "COMPLETING") for j in jobs.values()):
             return jobs
         time.sleep(0.2)  # a job writes its result file before Slurm records its end
     return jobs
@@ -191,7 +192,7 @@ def test_cluster_equals_sequential_retries_a_cancelled_job_and_has_no_barrier(re
     s = json.loads((out_dir / "summary.json").read_text())
     assert s["executor"].startswith("slurm (slurm)") and s["cells_ok"] == 2 and s["attempts_retried"] == 1
     runs = _runs(out_dir)
-    jobs = _sacct(first)
+    jobs = _sacct(first, {r[5] for r in runs})
     assert set(jobs) == {r[5] for r in runs}
     assert [j for j, v in jobs.items() if v["State"] != "COMPLETED"] == cancelled and len(cancelled) == 1
     assert jobs[cancelled[0]]["State"] == "CANCELLED"
@@ -231,7 +232,7 @@ def test_killed_driver_jobs_are_adopted_and_nothing_runs_twice(reference, out_di
     s = json.loads((out_dir / "summary.json").read_text())
     assert s["jobs_adopted"] == 2 and s["cells_ok"] == 1
     runs = _runs(out_dir)
-    jobs = _sacct(first)
+    jobs = _sacct(first, {r[5] for r in runs})
     # every stage ran once, in one job: the ledger's jobs are all the jobs sacct knows, each stage has one attempt
     assert set(jobs) == {r[5] for r in runs} and all(j["State"] == "COMPLETED" for j in jobs.values()), jobs
     assert len(runs) == len({r[0] for r in runs}) == s["stages_total"] - 1 and all(r[3] == 1 and r[4] for r in runs)
