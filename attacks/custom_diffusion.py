@@ -119,7 +119,7 @@ class CustomDiffusionParams:
     max_grad_norm: float = 1.0
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0  # --lr_warmup_steps=0 (script default 500)
-    mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's default; bf16 autocast on CUDA only
+    mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's default; autocast: bench/precision.py
 
     def validate(self) -> None:
         if not self.learning_rate > 0:

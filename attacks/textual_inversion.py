@@ -68,7 +68,7 @@ class TextualInversionParams:
     adam_epsilon: float = 1e-8
     lr_scheduler: str = "constant"  # --lr_scheduler="constant"
     lr_warmup_steps: int = 0  # --lr_warmup_steps=0 (script default 500)
-    mixed_precision: Literal["no", "bf16"] = "no"  # script default; bf16 autocast on CUDA only
+    mixed_precision: Literal["no", "bf16"] = "no"  # script default; autocast: bench/precision.py
 
     def validate(self) -> None:
         if not self.learning_rate > 0:

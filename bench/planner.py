@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.plugins import DEFENSES, TRANSFORMS, ScenarioSpec
+from bench.precision import POLICY_VERSION as PRECISION_POLICY
 from bench.profiles import Profile
 from bench.registry import ConfigError
 from bench.scenarios import split_at_model_transform
@@ -90,6 +91,8 @@ class _Builder:
 
 def plugin_spec(entry: Entry) -> dict:
     spec = {"name": entry.name, "version": entry.plugin_cls.version, "params": entry.params_dict()}
+    if spec["params"].get("mixed_precision", "no") != "no":  # what a request computes may change with the policy
+        spec["precision_policy"] = PRECISION_POLICY
     inputs = entry.create().inputs_fingerprint()
     if inputs:  # files named by a parameter (an external folder or model): their content is in the key
         spec["inputs"] = inputs

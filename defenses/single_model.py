@@ -6,8 +6,8 @@ once (one VAE/UNet forward per step for the whole batch, ``batch_size`` splits i
 losses are summed, so each image's gradient is the one it would get alone. The surrogate is frozen
 (``requires_grad_(False)``, eval mode): only the input receives gradients. Every random draw (start, VAE posterior
 samples, timesteps, noise, crops) comes from one CPU ``torch.Generator`` seeded with ``ctx.seed``, so the same seed
-gives the same bytes on CPU. ``mixed_precision`` is autocast on CUDA only; on CPU everything runs in fp32 and
-``ctx.extra["precision"]`` says so.
+gives the same bytes on CPU. ``mixed_precision`` is autocast on CUDA and bf16 autocast on CPUs with bf16 instructions
+(bench/precision.py); elsewhere on CPU everything runs in fp32; ``ctx.extra["precision"]`` says which.
 
 Latents: ``E(x)`` is a sample of the VAE posterior times the VAE scaling factor, as LDM's
 ``get_first_stage_encoding`` (AdvDM, Mist, SDS); PhotoGuard uses the unscaled posterior mean, as its notebooks.
