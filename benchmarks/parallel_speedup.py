@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def run_suite(suite: str, profile: str, out: Path, jobs: int) -> float:
     """``bench run`` in a subprocess; its wall time in seconds."""
-    cmd = [str(REPO / ".venv" / "bin" / "bench"), "run", "--suite", suite, "--profile", profile, "--out", str(out),
-           "--jobs", str(jobs)]
+    cmd = [sys.executable, "-m", "bench.cli", "run", "--suite", suite, "--profile", profile, "--out", str(out),
+           "--jobs", str(jobs)]  # this checkout's code (run it from a worktree to keep editing meanwhile)
     start = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
