@@ -39,12 +39,13 @@ import numpy as np
 from bench.lazy import lazy_import
 torch = lazy_import("torch")
 
-from attacks.dreambooth import (_Batches, _jsonable, _peak_rss_mb, _precision, _write_log, check_training_images,
+from attacks.dreambooth import (_Batches, _jsonable, _peak_rss_mb, _write_log, check_training_images,
                                 fit)
 from attacks.textual_inversion import EMBEDS_FILE, NewToken, effective_lr, load_with_token, token_words
 from bench import models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
+from bench.precision import autocast_for
 from bench.profiles import PROXY_FINETUNE
 
 KV_FILE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
@@ -203,7 +204,7 @@ class CustomDiffusion(Attack):
         n_cls = len(class_images) if prior else 0
         gen, rng = ctx.torch_generator(), ctx.rng(AUGMENT_SEED_OFFSET)
         batches = _Batches(len(images), n_cls, p.train_batch_size, gen)
-        autocast, precision = _precision(p.mixed_precision, ctx.device)
+        autocast, precision = autocast_for(p.mixed_precision, ctx.device)
         channels = int(c.unet.config.in_channels)
 
         def step_loss() -> torch.Tensor:

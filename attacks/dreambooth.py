@@ -24,7 +24,7 @@ torch = lazy_import("torch")
 from bench import models
 from bench.diffusion import LatentCache, adamw, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
-from bench.precision import precision_for
+from bench.precision import autocast_for
 from bench.profiles import PROXY_FINETUNE
 
 CLASS_IMAGE_SEED_OFFSET = 500_000  # class images never share initial noise with evaluation images (seed + 1000 i + j)
@@ -127,12 +127,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _precision(requested: str, device: str) -> tuple[Any, str]:
-    """(autocast context, label): bf16 autocast on CUDA, and on CPUs with bf16 instructions (bench/precision.py)."""
-    prec = precision_for(requested, device)
-    return prec.autocast(), prec.label
-
-
 def _check_images(images: list[Image], resolution: int, what: str) -> None:
     for i, im in enumerate(images):
         if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.shape != (resolution, resolution, 3):
@@ -217,7 +211,7 @@ class _Run:
                 fixed = encode_prompt(c.tokenizer, c.text_encoder, prompts).detach()
         gen = ctx.torch_generator()
         batches = _Batches(len(images), len(class_images) if prior else 0, p.train_batch_size, gen)
-        autocast, precision = _precision(p.mixed_precision, ctx.device)
+        autocast, precision = autocast_for(p.mixed_precision, ctx.device)
 
         def step_loss() -> torch.Tensor:
             i_idx, c_idx = batches.next()

@@ -30,11 +30,12 @@ from typing import Any, Literal
 from bench.lazy import lazy_import
 torch = lazy_import("torch")
 
-from attacks.dreambooth import (_Batches, _jsonable, _peak_rss_mb, _precision, _write_log, check_training_images,
+from attacks.dreambooth import (_Batches, _jsonable, _peak_rss_mb, _write_log, check_training_images,
                                 fit)
 from bench import models
 from bench.diffusion import LatentCache, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import ATTACKS, Attack, Image, RunContext
+from bench.precision import autocast_for
 
 EMBEDS_FILE = "learned_embeds.safetensors"  # the script's final file name (safe serialization)
 
@@ -186,7 +187,7 @@ class TextualInversion(Attack):
         prompts = [t.format(word) for t in OBJECT_TEMPLATES]
         gen = ctx.torch_generator()
         batches = _Batches(n * p.repeats, 0, p.train_batch_size, gen)
-        autocast, precision = _precision(p.mixed_precision, ctx.device)
+        autocast, precision = autocast_for(p.mixed_precision, ctx.device)
 
         def step_loss() -> torch.Tensor:
             k, _ = batches.next()

@@ -106,3 +106,9 @@ def precision_for(requested: str, device: str) -> Precision:
     if requested == "bf16":
         return Precision(f"bf16-autocast (cpu, {isa}; attention fp32)", "cpu", torch.bfloat16, fp32_attention=True)
     return Precision(f"bf16-weights (cpu, {isa})", "cpu", weights_dtype=torch.bfloat16)
+
+
+def autocast_for(requested: str, device: str) -> tuple[Any, str]:
+    """(autocast context, label) of ``precision_for``, for loops that need nothing else of it."""
+    prec = precision_for(requested, device)
+    return prec.autocast(), prec.label

@@ -30,9 +30,10 @@ from attacks.custom_diffusion import install_kv_processors  # Custom Diffusion's
 from bench import models as bench_models
 from bench.diffusion import adamw, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
+from bench.precision import autocast_for
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, save_within_budget
-from defenses.single_model import _peak_rss_mb, autocast_for
+from defenses.single_model import _peak_rss_mb
 
 PAPER = "Xu et al., CAAT, arXiv 2404.15081 (CVPR 2024); CO2-cityao/CAAT CAAT.py + scripts/train_CAAT.sh"
 GEN_OFFSET = 80_000

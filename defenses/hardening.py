@@ -18,10 +18,10 @@ from bench.lazy import lazy_import
 torch = lazy_import("torch")
 F = lazy_import("torch.nn.functional")
 
-from attacks.dreambooth import _precision
 from bench import models
 from bench.diffusion import adamw
 from bench.plugins import RunContext
+from bench.precision import autocast_for
 
 
 def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class Hardener:
         self.tmp_params = list(self.tmp.parameters())
         self.opt = adamw(self.theta_params, **adam)
         self.opt_tmp = adamw(self.tmp_params, **tmp_adam)
-        self.autocast, self.precision = _precision(mixed_precision, device)
+        self.autocast, self.precision = autocast_for(mixed_precision, device)
 
     def t(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.sched.config.num_train_timesteps, (n,), generator=self.gen)

@@ -33,11 +33,12 @@ F = lazy_import("torch.nn.functional")
 from bench import models as bench_models
 from bench.diffusion import LatentCache, adamw, denoising_loss, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
+from bench.precision import autocast_for
 from bench.profiles import PROXY_CLASS_IMAGES, PROXY_FINETUNE
 from bench.registry import Requirements
 from defenses.anti_dreambooth import UNET_LORA_TARGETS
 from defenses.pgd import pgd_step, save_within_budget
-from defenses.single_model import BUILTIN_TARGET, _peak_rss_mb, autocast_for, load_target
+from defenses.single_model import BUILTIN_TARGET, _peak_rss_mb, load_target
 
 PAPER = "psyker-team/mist-v2 attacks/mist.py --mode lunet (METHODS.md 5.3)"
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # lora_diffusion's CLIPAttention linears

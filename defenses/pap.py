@@ -32,9 +32,10 @@ F = lazy_import("torch.nn.functional")
 from bench import models as bench_models
 from bench.diffusion import encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
+from bench.precision import autocast_for
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, save_within_budget
-from defenses.single_model import _peak_rss_mb, autocast_for
+from defenses.single_model import _peak_rss_mb
 
 PAPER = ("Wan et al., Prompt-Agnostic Adversarial Perturbation, NeurIPS 2024 (arXiv 2408.10571); "
          "attack/papv2.py upa_attack + scripts/pap2.sh")

@@ -32,9 +32,10 @@ torch = lazy_import("torch")
 F = lazy_import("torch.nn.functional")
 
 from bench.plugins import DEFENSES, Defense, Image, RunContext
+from bench.precision import autocast_for
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, random_start
-from defenses.single_model import _common_checks, _record, autocast_for, load_surrogate, run_batches
+from defenses.single_model import _common_checks, _record, load_surrogate, run_batches
 
 PAPER = ("Li et al., Towards Prompt-Agnostic / Prompt-Independent Defense, ICML 2024; "
          "PKU-ML/Diffusion-PID-Protection PID.py, PID.sh")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import resource
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -28,7 +27,7 @@ torch = lazy_import("torch")
 
 from bench.diffusion import LatentCache, denoising_loss, draw_timesteps_noise, encode_prompt, to_tensor
 from bench.plugins import DEFENSES, Defense, Image, RunContext
-from bench.precision import precision_for
+from bench.precision import autocast_for
 from bench.registry import Requirements
 from defenses.pgd import pgd_step, random_start, save_within_budget
 
@@ -73,14 +72,6 @@ def load_target(spec: str, resolution: int, param: str = "target_image") -> np.n
 
 
 # ----------------------------------------------------------------------------------------------- surrogate
-
-def autocast_for(requested: str, device: str) -> tuple[AbstractContextManager, str]:
-    """(autocast context, precision label): bf16/fp16 autocast on CUDA, bf16 on CPUs that have it (bench/precision.py)."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"mixed_precision must be one of {list(PRECISIONS)}, got {requested!r}")
-    prec = precision_for(requested, device)
-    return prec.autocast(), prec.label
-
 
 @dataclass
 class Surrogate:
