@@ -31,6 +31,26 @@ class Events(Protocol):
     def failed(self, key: str, reason: str) -> None: ...
 
 
+def submit_ready(ready: dict[str, list[tuple[int, str]]], executor, attempts: dict[str, int],
+                 in_flight: set[str]) -> None:
+    """Submit ready stages in plan order while the executor has room for their kind. Ready stages are kept in one heap
+    per kind: a kind refused once is skipped for the rest of the pass (room only shrinks as stages are submitted),
+    so a pass costs O(kinds + submitted x log n), not O(ready) (thousands of measure stages wait behind full workers
+    in a large grid)."""
+    open_kinds = {kind for kind, heap in ready.items() if heap}
+    while open_kinds:
+        kind = min(open_kinds, key=lambda k: ready[k][0][0])
+        if not executor.has_room(kind):
+            open_kinds.discard(kind)
+            continue
+        _, key = heapq.heappop(ready[kind])
+        if not ready[kind]:
+            open_kinds.discard(kind)
+        attempts[key] = attempts.get(key, 0) + 1
+        executor.submit(key)
+        in_flight.add(key)
+
+
 def run_dag(todo: list[str], stages, executor, retries: int, events: Events,
             adopted: dict[str, int] | None = None, earlier: dict[str, int] | None = None) -> dict[str, str]:
     """Run the stages ``todo`` (topological plan order) through ``executor``; return {failed key: reason}.
@@ -49,8 +69,14 @@ def run_dag(todo: list[str], stages, executor, retries: int, events: Events,
             dependants[d].append(k)
     attempts: dict[str, int] = {**(earlier or {}), **(adopted or {})}
     in_flight: set[str] = set(adopted or {})
-    ready = [(order[k], k) for k in todo if not waiting[k] and k not in in_flight]
-    heapq.heapify(ready)
+    ready: dict[str, list[tuple[int, str]]] = {}  # kind -> heap of (plan position, key)
+
+    def make_ready(key: str) -> None:
+        heapq.heappush(ready.setdefault(stages[key].kind, []), (order[key], key))
+
+    for k in todo:
+        if not waiting[k] and k not in in_flight:
+            make_ready(k)
     failed: dict[str, str] = {}
 
     def fail(key: str, reason: str) -> None:
@@ -63,19 +89,8 @@ def run_dag(todo: list[str], stages, executor, retries: int, events: Events,
             events.failed(k, reason)
             stack.extend(dependants[k])
 
-    while ready or in_flight:
-        held = []
-        while ready:
-            item = heapq.heappop(ready)
-            key = item[1]
-            if not executor.has_room(stages[key].kind):
-                held.append(item)
-                continue
-            attempts[key] = attempts.get(key, 0) + 1
-            executor.submit(key)
-            in_flight.add(key)
-        for item in held:
-            heapq.heappush(ready, item)
+    while any(ready.values()) or in_flight:
+        submit_ready(ready, executor, attempts, in_flight)
         for key, where, job_id in executor.flush():
             events.started(key, attempts[key], where, job_id)
         if not in_flight:
@@ -90,9 +105,9 @@ def run_dag(todo: list[str], stages, executor, retries: int, events: Events,
                 for c in dependants[key]:
                     waiting[c].discard(key)
                     if not waiting[c] and c not in failed:
-                        heapq.heappush(ready, (order[c], c))
+                        make_ready(c)
             elif retry:
-                heapq.heappush(ready, (order[key], key))
+                make_ready(key)
             else:
                 st = stages[key]
                 fail(key, f"{st.kind} stage failed ({st.label}): {res.error}"

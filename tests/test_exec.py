@@ -111,6 +111,32 @@ def test_scheduler_with_one_slot_keeps_the_plan_order():
     assert [k for k, _, _ in ex.log] == list(stages)
 
 
+class KindSlotsExecutor(FakeExecutor):
+    """Separate pools per stage kind (the local executor's GPU and CPU workers); counts ``has_room`` calls."""
+
+    def __init__(self, stages, slots: dict[str, int]) -> None:
+        super().__init__(stages, slots=0, cost={}, fails={})
+        self.kind_slots, self.room_calls = slots, 0
+
+    def has_room(self, kind: str) -> bool:
+        self.room_calls += 1
+        return sum(self.stages[k].kind == kind for k in self.running) < self.kind_slots[kind]
+
+
+def test_scheduler_fills_each_pool_in_plan_order_without_rescanning_the_queue():
+    n = 3000  # a large grid: thousands of measure stages wait behind one busy attack worker
+    stages = {f"attack{i}": SimpleNamespace(kind="attack", label=f"attack {i}", deps=()) for i in range(3)}
+    stages.update({f"measure{i}": SimpleNamespace(kind="measure", label=f"measure {i}", deps=()) for i in range(n)})
+    ex = KindSlotsExecutor(stages, {"attack": 1, "measure": 2})
+    run_dag(list(stages), stages, ex, retries=0, events=Recorder())
+    started = [k for k, _, _ in sorted(ex.log, key=lambda r: (r[1], list(stages).index(r[0])))]
+    assert [k for k in started if k.startswith("attack")] == ["attack0", "attack1", "attack2"]
+    assert [k for k in started if k.startswith("measure")] == [f"measure{i}" for i in range(n)]
+    assert {k for k, start, _ in ex.log if start == 0.0} == {"attack0", "measure0", "measure1"}  # both pools full
+    # a refused kind is not asked again in the same pass: O(stages) calls (the old rescan made ~n^2 / 2 = 4.5 M)
+    assert ex.room_calls < 4 * len(stages)
+
+
 def _artifacts(out: Path) -> dict[str, str]:
     """sha256 of every artifact file except records (timings) and the copied base models."""
     cache = out / "cache"
