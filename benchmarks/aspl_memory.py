@@ -7,9 +7,10 @@ paper profile (SD2.1-base, 512 px) on a GPU.
 Measured part: each configuration runs ASPL (``rounds`` x (3 surrogate, 6 PGD, 3 training steps), prior preservation
 with 2 class images) in a fresh subprocess, so peak RSS belongs to that run alone; reported as wall time of the loop,
 peak RSS, and the RSS growth during the loop (peak minus RSS when the first surrogate starts), each as a ratio to
-the straightforward implementation in the same precision (``naive``: the reference's deep copy of UNet + text encoder each round, prompts
-re-encoded at every step, parameter gradients computed during PGD). Sizes: ``tiny`` = tiny:a (UNet (32, 64), 64 px);
-``medium`` = an SD-shaped UNet (64, 128, 256), 128 px, untrained weights (timing only).
+the straightforward implementation in the same precision (``naive``: the reference's deep copy of UNet + text
+encoder each round, prompts re-encoded at every step, parameter gradients computed during PGD, and torch's default
+AdamW, a for-loop over the parameters on CPU, where the project uses the fused kernel). Sizes: ``tiny`` = tiny:a
+(UNet (32, 64), 64 px); ``medium`` = an SD-shaped UNet (64, 128, 256), 128 px, untrained weights (timing only).
 
 Estimated part: the GPU memory of ASPL at the paper profile, from the parameter counts of SD2.1-base's UNet / text
 encoder / VAE and from the activations that autograd saves, counted exactly by running the real diffusers and
@@ -84,6 +85,8 @@ def child(size: str, config: str, model_dir: Path, rounds: int) -> dict:
     d = cls(build_params(cls, {**params, "rounds": rounds, "num_class_images": 2}, "tiny", name))
     if opts == "NAIVE":
         d.loop_options = ad.NAIVE
+        # the reference's optimizer: torch.optim.AdamW with its defaults (a for-loop over the parameters on CPU)
+        ad.adamw = lambda params, **kw: torch.optim.AdamW(list(params), **kw)
     marks: dict[str, float] = {}
     begin = ad._Engine.begin_surrogate
 
